@@ -1,0 +1,91 @@
+"""The one record that every tokenizer returns and the backbone consumes as is.
+
+Dimension legend:
+    B  batch
+    N  tokens (padded to the longest clip in the batch)
+    D  embedding width
+    A  position axes (e.g. time x frequency for audio, time x height x width for video)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Tokens:
+    """A batch of token streams.
+
+    embeddings:      (B, N, D) float.
+    positions:       (B, N, A) float coordinates per axis, in grid units (patch index along
+                     frequency/height/width; time may be fractional when modalities share one
+                     time axis). Travels with tokens when the backbone gathers a subset, so rotary
+                     attention over a shortened set still knows where each token sits.
+    segment_ids:     (B, N) long in [0, num_segments): the routing unit of each token (a frame, a
+                     tubelet slice, an audio time window; each token its own segment by default).
+    modality_ids:    (B, N) long (0 audio, 1 video, ... as the tokenizer defines).
+    padding_mask:    (B, N) bool, True where the token is padding; None when nothing is padded,
+                     which lets attention take its fastest unmasked kernels.
+    num_segments:    static upper bound of segment ids (a Python int, known from shapes, so routing
+                     by segment needs no host synchronisation).
+    max_segment_len: static upper bound of tokens in one segment.
+    regions:         optional (B, N, A, 2) float [start, end) of each token along each input axis in
+                     input units (seconds for time, mel bins, pixels), for depth-allocation maps.
+    axes:            names of the A axes, e.g. ("time", "freq").
+    """
+
+    embeddings: Tensor
+    positions: Tensor
+    segment_ids: Tensor
+    modality_ids: Tensor
+    padding_mask: Tensor | None = None
+    num_segments: int | None = None
+    max_segment_len: int = 1
+    regions: Tensor | None = None
+    axes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.embeddings.dim() != 3:
+            raise ValueError(
+                f"Tokens.embeddings must be (B, N, D), got shape {tuple(self.embeddings.shape)}"
+            )
+        B, N, _ = self.embeddings.shape
+        if self.positions.dim() != 3 or self.positions.shape[:2] != (B, N):
+            raise ValueError(
+                f"Tokens.positions must be (B={B}, N={N}, A), got {tuple(self.positions.shape)}"
+            )
+        for name in ("segment_ids", "modality_ids", "padding_mask"):
+            t = getattr(self, name)
+            if t is not None and t.shape != (B, N):
+                raise ValueError(f"Tokens.{name} must be (B={B}, N={N}), got {tuple(t.shape)}")
+        if self.num_segments is None:
+            # Each token its own segment unless the tokenizer says otherwise.
+            self.num_segments = N
+        if self.axes and len(self.axes) != self.positions.shape[-1]:
+            raise ValueError(
+                f"Tokens.axes names {len(self.axes)} axes {self.axes} but positions have "
+                f"{self.positions.shape[-1]}"
+            )
+
+    @property
+    def valid(self) -> Tensor | None:
+        """(B, N) bool, True for real tokens; None when nothing is padded."""
+        return None if self.padding_mask is None else ~self.padding_mask
+
+    def lengths(self) -> Tensor:
+        """(B,) number of valid tokens per sample."""
+        B, N, _ = self.embeddings.shape
+        if self.padding_mask is None:
+            return torch.full((B,), N, dtype=torch.long, device=self.embeddings.device)
+        return (~self.padding_mask).sum(-1)
+
+    def replace(self, **changes) -> Tokens:
+        return replace(self, **changes)
+
+    @staticmethod
+    def default_segments(batch: int, length: int, device: torch.device | None = None) -> Tensor:
+        """(B, N) segment ids where every token is its own segment."""
+        return torch.arange(length, device=device).expand(batch, length)

@@ -1,0 +1,27 @@
+"""Modality-agnostic Mixture-of-Recursions backbone."""
+
+from mormm.backbone.config import BackboneConfig
+from mormm.backbone.outputs import BackboneOutput, StepTrace
+from mormm.backbone.recursion import MoRBackbone
+from mormm.backbone.routers import ExpertChoiceRouter, Route, Router, TokenChoiceRouter
+from mormm.backbone.sharing import (
+    STRATEGIES,
+    layer_schedule,
+    num_unique_layers,
+    sharing_plan,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "BackboneConfig",
+    "BackboneOutput",
+    "ExpertChoiceRouter",
+    "MoRBackbone",
+    "Route",
+    "Router",
+    "StepTrace",
+    "TokenChoiceRouter",
+    "layer_schedule",
+    "num_unique_layers",
+    "sharing_plan",
+]

@@ -1,0 +1,101 @@
+"""Pre-norm transformer layer with rotary attention, parameter-compatible with timm's ViT Block.
+
+Dimension legend:
+    B batch, K tokens processed by this call (all tokens, or those a router selected),
+    M key/value tokens (K for self-attention, N for recursive KV sharing), D width,
+    H heads, Dh head dim, P = Dh // 2
+
+The parameter names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) match timm's
+`vision_transformer.Block`, so timm ViT weights load directly (uptraining) and the layer can be
+checked against timm numerically.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+from mormm.backbone.rotary import apply_rotary
+
+Rope = tuple[Tensor, Tensor] | None  # cos, sin (B, K, P)
+KV = tuple[Tensor, Tensor]  # keys (rotated), values: (B, H, M, Dh)
+
+
+def _key_mask(key_valid: Tensor | None) -> Tensor | None:
+    # (B, M) -> (B, 1, 1, M): broadcast over heads and queries. None keeps SDPA on its unmasked
+    # (flash) kernels when nothing is padded.
+    return None if key_valid is None else key_valid[:, None, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        B, K, _ = t.shape
+        return t.view(B, K, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, K, Dh)
+
+    def _out(self, o: Tensor) -> Tensor:
+        B, _, K, _ = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, K, -1))  # (B, K, D)
+
+    def forward(self, x: Tensor, rope: Rope, key_valid: Tensor | None) -> tuple[Tensor, KV]:
+        """Self-attention over the K tokens given; also returns their keys/values for sharing."""
+        q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(key_valid))
+        return self._out(o), (k, v)
+
+    def attend_to(self, x: Tensor, rope: Rope, kv: KV, key_valid: Tensor | None) -> Tensor:
+        """Queries from x attend to given keys/values (recursive KV sharing): only the query
+        slice of the fused projection runs, so K/V projections are skipped entirely."""
+        D = x.shape[-1]
+        bias = None if self.qkv.bias is None else self.qkv.bias[:D]
+        q = self._heads(F.linear(x, self.qkv.weight[:D], bias))
+        if rope is not None:
+            q = apply_rotary(q, *rope)
+        o = F.scaled_dot_product_attention(q, *kv, attn_mask=_key_mask(key_valid))
+        return self._out(o)
+
+
+class Block(nn.Module):
+    """x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Rope = None,
+        key_valid: Tensor | None = None,
+        kv: KV | None = None,
+    ) -> tuple[Tensor, KV | None]:
+        """Returns the new hidden states and the keys/values this call computed (None when it
+        attended to the given `kv` instead)."""
+        h = self.norm1(x)
+        if kv is None:
+            a, kv_out = self.attn(h, rope, key_valid)
+        else:
+            a, kv_out = self.attn.attend_to(h, rope, kv, key_valid), None
+        x = x + self.drop_path(a)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, kv_out

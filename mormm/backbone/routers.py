@@ -1,0 +1,310 @@
+"""Routers decide, per recursion step, which units (tokens or segments) take the step.
+
+Dimension legend:
+    B batch, N tokens, U units, D width, R = N_r recursion steps
+
+A router is built with its hyper-parameters only (so YAML stays short); the backbone calls
+`bind(dim, num_steps)` once to create its projections. `route` is called at every step with the
+current hidden states and returns a `Route`; whatever the router decided up front (token-choice)
+travels to the next call in `Route.carry`, never on the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mormm.backbone.units import Units, capacity_count, capacity_counts
+
+ACTIVATIONS = ("sigmoid", "tanh")
+UNITS = ("token", "segment")
+
+
+@dataclass
+class Route:
+    """What a router decided for one step."""
+
+    selected: Tensor  # (B, U) bool units that take this step (a subset of the active ones)
+    gate: Tensor  # (B, U) float weight of the step's update
+    logits: Tensor  # (B, U) float router logits (for logging / analysis)
+    kept: int  # static bound on selected units per sample
+    exact: bool  # statically known: every sample selects exactly `kept` units, no padding
+    losses: dict[str, Tensor] = field(default_factory=dict)  # weighted auxiliary losses
+    stats: dict[str, Tensor] = field(default_factory=dict)  # detached numbers to log
+    carry: Any = None
+
+
+def default_capacities(num_steps: int) -> list[float]:
+    """(N_r - j + 1) / N_r for j = 1..N_r: every token gets at least one recursion."""
+    return [(num_steps - j) / num_steps for j in range(num_steps)]
+
+
+def _check_capacities(capacities: list[float], num_steps: int, owner: str) -> None:
+    if len(capacities) != num_steps:
+        raise ValueError(
+            f"{owner}.capacities has {len(capacities)} entries but the backbone has "
+            f"num_recursions={num_steps}; give one capacity per recursion step"
+        )
+    for j, c in enumerate(capacities):
+        if not 0.0 < c <= 1.0:
+            raise ValueError(f"{owner}.capacities[{j}]={c} must be in (0, 1]")
+    for j in range(1, num_steps):
+        if capacities[j] > capacities[j - 1]:
+            raise ValueError(
+                f"{owner}.capacities must not increase (hierarchical filtering: a token dropped "
+                f"at one step never returns), got {capacities}"
+            )
+
+
+def _select_top(eligible: Tensor, priority: Tensor, budget: Tensor, kept: int) -> Tensor:
+    """(B, U) bool: the `budget[b]` eligible units of highest priority (kept >= budget)."""
+    masked = priority.masked_fill(~eligible, float("-inf"))
+    top = masked.topk(kept, dim=-1)  # (B, kept), highest first
+    rank = torch.arange(kept, device=priority.device)
+    take = (rank < budget[:, None]) & top.values.isfinite()
+    return torch.zeros_like(eligible).scatter(1, top.indices, take)
+
+
+def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
+    w = w.to(x.dtype)
+    return (x * w).sum() / w.sum().clamp(min=1.0)
+
+
+def _projection(dim: int, mlp_hidden: int | None, out: int) -> nn.Module:
+    if mlp_hidden is None:
+        proj = nn.Linear(dim, out, bias=False)
+        nn.init.normal_(proj.weight, std=dim**-0.5 * 0.1)
+        return proj
+    return nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, out, bias=False))
+
+
+class Router(nn.Module):
+    """Common plumbing: capacities, units, binding."""
+
+    def __init__(self, capacities: list[float] | None, unit: str) -> None:
+        super().__init__()
+        if unit not in UNITS:
+            raise ValueError(f"{type(self).__name__}.unit={unit!r} is unknown; choose one of {UNITS}")
+        self.unit = unit
+        self._capacities = None if capacities is None else [float(c) for c in capacities]
+        self.num_steps = 0
+
+    @property
+    def capacities(self) -> list[float]:
+        return self._capacities or default_capacities(self.num_steps)
+
+    def step_capacity(self, step: int) -> float:
+        """Fraction of units this router may process at `step` (its static compute bound)."""
+        return self.capacities[step]
+
+    def bind(self, dim: int, num_steps: int) -> None:
+        self.num_steps = num_steps
+        _check_capacities(self.capacities, num_steps, type(self).__name__)
+        self._build(dim, num_steps)
+
+    def _build(self, dim: int, num_steps: int) -> None:
+        raise NotImplementedError
+
+    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
+        """Hook the training loop calls after each optimizer step (loss-free balancing)."""
+
+
+class ExpertChoiceRouter(Router):
+    """Each step keeps the top-k of the still-active units (MoR section 2.2.1, the paper's winner).
+
+    capacities:    fraction of all units kept at each step (default (N_r-j+1)/N_r).
+    alpha:         gate scale, g = alpha * activation(logit); 0.1 in the paper (1.0 collapsed into a
+                   positional bias with ~66% dead tokens).
+    activation:    "sigmoid" (default) or "tanh".
+    mlp_hidden:    None for the paper's bias-free linear router (>= MLP there), or a hidden width.
+    aux_loss_coef: BCE of logits against top-k membership; makes scores near-binary so that a
+                   threshold can replace top-k when the whole clip is not available (0.001; 0.1
+                   hurt in the paper).
+    z_loss_coef:   mean squared logit (router z-loss; negligible effect in the paper, off).
+    unit:          "token" or "segment" (whole segments share one decision and one gate).
+    inference:     "topk" (whole clip known) or "threshold" (keep units with logit > 0, i.e.
+                   score > 0.5 * alpha for sigmoid; for streaming). Threshold mode still bounds
+                   compute by a static buffer of `threshold_slack` x the step's capacity.
+    """
+
+    def __init__(
+        self,
+        capacities: list[float] | None = None,
+        alpha: float = 0.1,
+        activation: str = "sigmoid",
+        mlp_hidden: int | None = None,
+        aux_loss_coef: float = 0.001,
+        z_loss_coef: float = 0.0,
+        unit: str = "token",
+        inference: str = "topk",
+        threshold_slack: float = 1.25,
+    ) -> None:
+        super().__init__(capacities, unit)
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ExpertChoiceRouter.activation={activation!r} is unknown; choose one of {ACTIVATIONS}"
+            )
+        if inference not in ("topk", "threshold"):
+            raise ValueError(
+                f"ExpertChoiceRouter.inference={inference!r} is unknown; choose 'topk' or 'threshold'"
+            )
+        if alpha <= 0:
+            raise ValueError(f"ExpertChoiceRouter.alpha={alpha} must be positive")
+        if threshold_slack < 1:
+            raise ValueError(f"ExpertChoiceRouter.threshold_slack={threshold_slack} must be >= 1")
+        self.alpha = alpha
+        self.activation = activation
+        self.mlp_hidden = mlp_hidden
+        self.aux_loss_coef = aux_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.inference = inference
+        self.threshold_slack = threshold_slack
+
+    def _build(self, dim: int, num_steps: int) -> None:
+        # One router per recursion step: what a step should refine differs from step to step.
+        self.proj = nn.ModuleList(_projection(dim, self.mlp_hidden, 1) for _ in range(num_steps))
+
+    def gate_of(self, logits: Tensor) -> Tensor:
+        act = torch.sigmoid if self.activation == "sigmoid" else torch.tanh
+        return self.alpha * act(logits)
+
+    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
+        logits = units.pool(self.proj[step](hidden).squeeze(-1).float())  # (B, U)
+        cap = self.capacities[step]
+        threshold = self.inference == "threshold" and not self.training
+        if threshold:
+            eligible = active & (logits > 0)
+            kept = min(units.num_units, capacity_count(min(1.0, cap * self.threshold_slack), units.num_units))
+        else:
+            eligible = active
+            kept = capacity_count(cap, units.num_units)
+        budget = capacity_counts(cap, units.count)
+        selected = _select_top(eligible, logits, budget, kept)
+
+        considered = active.to(logits.dtype)
+        losses, stats = {}, {}
+        if self.training and self.aux_loss_coef > 0:
+            bce = F.binary_cross_entropy_with_logits(logits, selected.to(logits.dtype), reduction="none")
+            losses["router_bce"] = self.aux_loss_coef * _weighted_mean(bce, considered)
+        if self.training and self.z_loss_coef > 0:
+            losses["router_z"] = self.z_loss_coef * _weighted_mean(logits.square(), considered)
+        with torch.no_grad():
+            # How often "logit > 0" agrees with top-k among the units that competed: the number
+            # that says whether threshold (streaming) inference can replace top-k.
+            stats["agreement"] = _weighted_mean(((logits > 0) == selected).float(), considered)
+        return Route(
+            selected=selected,
+            gate=self.gate_of(logits),
+            logits=logits,
+            kept=kept,
+            exact=units.is_tokens and units.valid is None and not threshold,
+            losses=losses,
+            stats=stats,
+        )
+
+
+class TokenChoiceRouter(Router):
+    """One router, one decision up front: each unit picks its depth (MoR section 2.2.1).
+
+    The router reads the hidden states entering the first recursion, gives R logits per unit and
+    the unit commits to depth argmax (+ balancing bias). The gate is alpha * softmax probability of
+    the chosen depth, applied at every step the unit takes.
+
+    Compute is bounded statically the way MoE layers bound experts: step j processes at most
+    capacity_factor * capacities[j] of the units, by priority P(depth >= j). With balanced
+    choices the default capacities are exactly the expected loads and nothing overflows; units
+    that do overflow exit early (their realised depth is reported in the backbone output).
+
+    balancing:          "loss" (sum_i f_i P_i, coefficient balance_coef, 0.1 in the paper) or
+                        "loss_free" (per-depth bias, b_i += bias_rate * sign(mean load - load_i)
+                        after each optimizer step; the bias affects selection only).
+    """
+
+    def __init__(
+        self,
+        capacities: list[float] | None = None,
+        alpha: float = 1.0,
+        mlp_hidden: int | None = None,
+        balancing: str = "loss",
+        balance_coef: float = 0.1,
+        bias_rate: float = 0.001,
+        capacity_factor: float = 1.0,
+        z_loss_coef: float = 0.0,
+        unit: str = "token",
+    ) -> None:
+        super().__init__(capacities, unit)
+        if balancing not in ("loss", "loss_free"):
+            raise ValueError(
+                f"TokenChoiceRouter.balancing={balancing!r} is unknown; choose 'loss' or 'loss_free'"
+            )
+        if capacity_factor < 1:
+            raise ValueError(f"TokenChoiceRouter.capacity_factor={capacity_factor} must be >= 1")
+        self.alpha = alpha
+        self.mlp_hidden = mlp_hidden
+        self.balancing = balancing
+        self.balance_coef = balance_coef
+        self.bias_rate = bias_rate
+        self.capacity_factor = capacity_factor
+        self.z_loss_coef = z_loss_coef
+
+    def _build(self, dim: int, num_steps: int) -> None:
+        self.proj = _projection(dim, self.mlp_hidden, num_steps)
+        # Selection-only bias of loss-free balancing: a buffer, so checkpoints carry it.
+        self.register_buffer("depth_bias", torch.zeros(num_steps))
+
+    def _decide(self, hidden: Tensor, units: Units, active: Tensor):
+        logits = units.pool(self.proj(hidden).float())  # (B, U, R)
+        probs = logits.softmax(-1)
+        choice = (logits + self.depth_bias).argmax(-1)  # (B, U) in [0, R)
+        gate = self.alpha * probs.gather(-1, choice[..., None]).squeeze(-1)
+        # Priority of a unit at step j: probability that its depth is >= j + 1.
+        reach = probs.flip(-1).cumsum(-1).flip(-1)  # (B, U, R)
+        losses, stats = {}, {}
+        w = active.to(probs.dtype)  # units that exist
+        R = probs.shape[-1]
+        load = (F.one_hot(choice, R).to(probs.dtype) * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
+        if self.training and self.balancing == "loss" and self.balance_coef > 0:
+            importance = (probs * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
+            losses["router_balance"] = self.balance_coef * R * (load.detach() * importance).sum()
+        if self.training and self.z_loss_coef > 0:
+            z = torch.logsumexp(logits, -1).square()
+            losses["router_z"] = self.z_loss_coef * _weighted_mean(z, w)
+        stats["load"] = load.detach()
+        return (logits, choice, gate, reach), losses, stats
+
+    def step_capacity(self, step: int) -> float:
+        return min(1.0, self.capacities[step] * self.capacity_factor)
+
+    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
+        losses, stats = {}, {}
+        if carry is None:
+            carry, losses, stats = self._decide(hidden, units, active)
+        logits, choice, gate, reach = carry
+        cap = self.step_capacity(step)
+        kept = capacity_count(cap, units.num_units)
+        budget = capacity_counts(cap, units.count)
+        selected = _select_top(active & (choice >= step), reach[..., step], budget, kept)
+        return Route(
+            selected=selected,
+            gate=gate,
+            logits=logits[..., step],
+            kept=kept,
+            exact=False,
+            losses=losses,
+            stats=stats,
+            carry=carry,
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
+        if self.balancing != "loss_free" or "load" not in stats:
+            return
+        load = stats["load"].to(self.depth_bias.device)
+        self.depth_bias += self.bias_rate * torch.sign(load.mean() - load)

@@ -1,0 +1,103 @@
+"""Routing units: single tokens, or whole segments (a frame, a tubelet slice, an audio window).
+
+Dimension legend:
+    B batch, N tokens, U units (N for tokens; the static segment bound for segments)
+
+Routers score, rank and select units; `Units` pools token quantities to units and broadcasts unit
+decisions back to tokens, so one code path serves per-token and per-segment routing. Everything
+has static shapes (U is a Python int from the tokenizer), so nothing syncs with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Capacities like 2/3 are not exact in binary floating point; rounding the product before the
+# ceiling keeps ceil(2/3 * 9) == 6 on host and device alike.
+_ROUND = 1e6
+
+
+def capacity_count(capacity: float, n: int) -> int:
+    """Units kept out of n at this capacity: ceil(capacity * n), at least 1 when n > 0."""
+    return max(min(n, 1), math.ceil(round(capacity * n * _ROUND) / _ROUND))
+
+
+def capacity_counts(capacity: float, n: Tensor) -> Tensor:
+    """capacity_count for a (B,) tensor of counts, without leaving the device."""
+    k = torch.ceil(torch.round(n.double() * capacity * _ROUND) / _ROUND).long()
+    return torch.maximum(k, n.clamp(max=1))
+
+
+@dataclass
+class Units:
+    segment_ids: Tensor | None  # (B, N) unit of each token; None when units are tokens
+    token_valid: Tensor | None  # (B, N) bool; None when nothing is padded
+    valid: Tensor | None  # (B, U) bool, the units that exist; None when all U exist
+    count: Tensor  # (B,) number of existing units
+    size: Tensor | None  # (B, U) valid tokens per unit (segments only)
+    num_units: int  # U, static
+    max_len: int  # static bound on tokens per unit
+
+    @classmethod
+    def tokens(cls, token_valid: Tensor | None, batch: int, length: int, device) -> Units:
+        count = (
+            torch.full((batch,), length, dtype=torch.long, device=device)
+            if token_valid is None
+            else token_valid.sum(-1)
+        )
+        return cls(None, token_valid, token_valid, count, None, length, 1)
+
+    @classmethod
+    def segments(
+        cls, segment_ids: Tensor, token_valid: Tensor | None, num_segments: int, max_len: int
+    ) -> Units:
+        B, N = segment_ids.shape
+        seg = segment_ids.clamp(0, num_segments - 1)
+        w = (
+            torch.ones(B, N, device=seg.device)
+            if token_valid is None
+            else token_valid.to(torch.float32)
+        )
+        size = torch.zeros(B, num_segments, device=seg.device).scatter_add(1, seg, w)  # (B, U)
+        valid = size > 0
+        return cls(seg, token_valid, valid, valid.sum(-1), size, num_segments, max_len)
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.segment_ids is None
+
+    def all_valid(self, batch: int, device) -> Tensor:
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(batch, self.num_units, dtype=torch.bool, device=device)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Mean over each unit's valid tokens: (B, N, *F) -> (B, U, *F)."""
+        if self.is_tokens:
+            return x
+        B, N = self.segment_ids.shape
+        extra = x.shape[2:]
+        w = self.token_valid
+        xw = x if w is None else x * w.view(B, N, *([1] * len(extra))).to(x.dtype)
+        idx = self.segment_ids.view(B, N, *([1] * len(extra))).expand_as(x)
+        total = x.new_zeros(B, self.num_units, *extra).scatter_add(1, idx, xw)
+        size = self.size.clamp(min=1).view(B, self.num_units, *([1] * len(extra)))
+        return total / size.to(x.dtype)
+
+    def broadcast(self, u: Tensor) -> Tensor:
+        """Unit values back to tokens: (B, U, *F) -> (B, N, *F)."""
+        if self.is_tokens:
+            return u
+        B, N = self.segment_ids.shape
+        extra = u.shape[2:]
+        idx = self.segment_ids.view(B, N, *([1] * len(extra))).expand(B, N, *extra)
+        return u.gather(1, idx)
+
+    def gather_size(self, units_kept: int) -> int:
+        """Static bound on tokens in `units_kept` units."""
+        N = self.num_units if self.is_tokens else self.segment_ids.shape[1]
+        return min(N, units_kept * self.max_len)
