@@ -5,26 +5,38 @@ and exactly `batches_per_epoch` batches on every rank, so uneven shards can neve
 waiting in a collective. Evaluation reads samples by position (tar offsets from the shards'
 headers): rank r takes samples r, r + world, ..., so across ranks every sample is seen exactly
 once, with no padding duplicates and no streaming order to agree on.
+
+Prediction reads either a split of the dataset (the evaluation stream) or the user's own media
+files (a folder, searched recursively, or one file), decoded exactly like evaluation samples.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 import lightning as L
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mormm.data.decode import DecodeConfig, DecodedSample, SampleDecoder, collate
+from mormm.data.decode import DecodeConfig, DecodedSample, DecodeError, SampleDecoder, collate
 from mormm.data.demo import DEMO_KINDS, ensure_demo
 from mormm.data.index import DatasetIndex, TarSample, index_tar
+from mormm.data.probe import MEDIA_EXTS, media_ext, probe_bytes
 from mormm.data.skips import SkipCounter
 
+log = logging.getLogger(__name__)
+
 DEMO_PREFIX = "demo:"
-STAGES = ("train", "val", "test")
+SPLITS = ("train", "val", "test")
+STAGES = (*SPLITS, "predict")
 
 
 def _split_by_rank(urls, rank: int, world: int):
@@ -35,15 +47,88 @@ def _split_by_rank(urls, rank: int, world: int):
             yield url
 
 
+class Readable(Protocol):
+    def read(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    """One media file given for prediction, read into the sample form the decoder expects:
+    {"__key__", "__url__": path, "json": record, <ext>: bytes}, with no "cls" (no label)."""
+
+    path: str
+    key: str
+
+    def read(self) -> dict[str, bytes | str]:
+        ext = media_ext(self.path)
+        try:
+            data = Path(self.path).read_bytes()
+            # The probe rejects broken files with a clear reason and gives the frame count that
+            # video clip sampling needs (shards store it in the record when they are written).
+            info = probe_bytes(data, ext)
+        except Exception as exn:
+            raise DecodeError(f"{self.path}: {type(exn).__name__}: {exn}") from exn
+        record = {"key": self.key, "source": self.path, "media": {ext: info.to_json()}}
+        return {"__key__": self.key, "__url__": self.path, "json": json.dumps(record).encode(), ext: data}
+
+
+def _key_safe(relative: str) -> str:
+    """A relative path as a sample key: no dots (webdataset splits key and extension at the first
+    dot) and no path separators."""
+    return re.sub(r"[./\\]", "_", relative)
+
+
+def find_media_files(path: Path) -> list[MediaFile]:
+    """The media files at `path` (a supported file, or a folder searched recursively; hidden files
+    and folders are left out), sorted, with unique key-safe keys. Raises ValueError if there is
+    none; files with other extensions are logged, not silently dropped."""
+    exts = ", ".join(sorted(MEDIA_EXTS))
+    if path.is_file():
+        if media_ext(path) not in MEDIA_EXTS:
+            raise ValueError(f"predict_from={str(path)!r}: unsupported extension '{path.suffix}' (supported: {exts})")
+        found, root = [path], path.parent
+    else:
+        found, ignored, root = [], [], path
+        for p in sorted(path.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = p.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts) or media_ext(p) not in MEDIA_EXTS:
+                ignored.append(str(rel))
+            else:
+                found.append(p)
+        if not found:
+            raise ValueError(
+                f"predict_from={str(path)!r}: no media files in folder {path} (searched recursively for: {exts}"
+                f"{f'; {len(ignored)} other files ignored' if ignored else ''})"
+            )
+        if ignored:
+            shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+            log.warning(
+                "predict_from=%s: ignored %d files that are hidden or not media (supported: %s): %s",
+                path, len(ignored), exts, shown,
+            )
+    files, used = [], set()
+    for p in found:
+        key = base = _key_safe(str(p.relative_to(root)))
+        n = 1
+        while key in used:  # e.g. a/b.wav and a_b.wav
+            key, n = f"{base}_{n}", n + 1
+        used.add(key)
+        files.append(MediaFile(str(p), key))
+    return files
+
+
 class EvalStream(IterableDataset):
-    """This rank's evaluation samples, split over DataLoader workers, decoded and batched.
+    """This rank's evaluation samples (or prediction files), split over DataLoader workers,
+    decoded and batched.
 
     Undecodable samples are skipped and counted; batches stay non-empty (a partial last batch per
     worker), so a skipped sample never produces an empty batch."""
 
     def __init__(
         self,
-        samples: list[TarSample],
+        samples: Sequence[Readable],
         decode: Callable[[dict], DecodedSample],
         collate_fn: Callable[[list[DecodedSample]], dict],
         batch_size: int,
@@ -57,7 +142,7 @@ class EvalStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.skips = skips
 
-    def _worker_samples(self, worker: int) -> list[TarSample]:
+    def _worker_samples(self, worker: int) -> Sequence[Readable]:
         return self.samples[worker :: self.num_workers]
 
     def __len__(self) -> int:  # batches; exact unless samples are skipped
@@ -100,6 +185,15 @@ class ShardDataModule(L.LightningDataModule):
             size x world size).
         shuffle_buffer: samples held in the training shuffle buffer.
         cache_dir: demo cache root (default $MORMM_CACHE or ~/.cache/mormm).
+        predict_from: what predict_dataloader reads: a split of the dataset ("train", "val" or
+            "test"; None means "test"), streamed exactly once like evaluation; or the path of a
+            media file or of a folder searched recursively for media files (audio: wav, flac, ogg,
+            mp3, m4a; video: mp4, mkv, webm, avi; hidden files left out). A split name wins over a
+            folder of the same name (write "./test" for the folder). Files are decoded like
+            evaluation samples (centre crop, eval_views) and split over ranks and workers; each
+            batch carries "key" (the relative path, made key-safe) and "meta" (with "source",
+            the file's path); labels are -1 (multi-label: all zeros). Unreadable files are
+            skipped, logged and counted in skipped["predict"].
     """
 
     def __init__(
@@ -118,6 +212,7 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         cache_dir: str | None = None,
+        predict_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -157,6 +252,16 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.skip_counters = {stage: SkipCounter(stage, num_workers) for stage in STAGES}
         self._eval_samples: dict[str, list[TarSample]] = {}
+        self.predict_from = predict_from or "test"
+        self._predict_files: list[MediaFile] | None = None
+        if self.predict_from not in SPLITS:
+            path = Path(self.predict_from).expanduser()
+            if not path.exists():
+                raise ValueError(
+                    f"predict_from={self.predict_from!r} is neither a split ({', '.join(SPLITS)}) nor an existing "
+                    f"file or folder; give a split name, or the path of a media file or of a folder of media files"
+                )
+            self._predict_files = find_media_files(path)
 
     # -- what the model needs to know, available right after construction --------------------
 
@@ -196,8 +301,10 @@ class ShardDataModule(L.LightningDataModule):
     def _collate(self) -> Callable[[list[DecodedSample]], dict]:
         return partial(collate, sample_rate=self.sample_rate)
 
-    def _decoder(self, train: bool) -> SampleDecoder:
-        return SampleDecoder(self.decode_config, self.num_classes, self.multi_label, train=train)
+    def _decoder(self, train: bool, allow_unlabelled: bool = False) -> SampleDecoder:
+        return SampleDecoder(
+            self.decode_config, self.num_classes, self.multi_label, train=train, allow_unlabelled=allow_unlabelled
+        )
 
     def train_dataloader(self):
         rank, world = self._rank_world()
@@ -236,21 +343,22 @@ class ShardDataModule(L.LightningDataModule):
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers)
         return loader.with_epoch(batches).with_length(batches, silent=True)
 
+    def _split_samples(self, split: str) -> list[TarSample]:
+        if split not in self._eval_samples:
+            self._eval_samples[split] = [s for shard in self.index.shard_paths(split) for s in index_tar(shard)]
+        return self._eval_samples[split]
+
     def _eval_dataloader(self, stage: str):
         rank, world = self._rank_world()
-        if stage not in self._eval_samples:
-            self._eval_samples[stage] = [s for shard in self.index.shard_paths(stage) for s in index_tar(shard)]
-        samples = self._eval_samples[stage]
+        samples = self._split_samples(stage)
         if len(samples) < world:
             # A rank without batches would never join the epoch-end metric collectives.
             raise ValueError(f"{len(samples)} {stage} samples cannot give each of {world} ranks at least one")
+        return self._stream_loader(samples[rank::world], self._decoder(train=False), stage)
+
+    def _stream_loader(self, samples: Sequence[Readable], decoder: SampleDecoder, stage: str):
         stream = EvalStream(
-            samples[rank::world],
-            self._decoder(train=False),
-            self._collate,
-            self.batch_size,
-            self.num_workers,
-            self.skip_counters[stage],
+            samples, decoder, self._collate, self.batch_size, self.num_workers, self.skip_counters[stage]
         )
         # WebLoader + with_length rather than a DataLoader over a sized IterableDataset: same batches
         # and progress-bar total, without Lightning's warning that such lengths may be inaccurate.
@@ -262,3 +370,16 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_dataloader("test")
+
+    def predict_dataloader(self):
+        """Batches of `predict_from` (see the class docstring), each sample once across ranks.
+
+        Prediction has no epoch-end collectives, so a rank may get no samples (fewer files than
+        ranks); it then yields no batch."""
+        rank, world = self._rank_world()
+        items: Sequence[Readable]
+        if self._predict_files is None:
+            items = self._split_samples(self.predict_from)
+        else:
+            items = self._predict_files
+        return self._stream_loader(items[rank::world], self._decoder(train=False, allow_unlabelled=True), "predict")

@@ -147,15 +147,24 @@ class DecodeError(Exception):
     """A sample that failed to decode; the message names the sample, its shard and the cause."""
 
 
+UNLABELLED = -1  # single-label target of a sample without a label (prediction input)
+
+
 class SampleDecoder:
     """Callable for the data pipeline: raw shard sample -> DecodedSample. Raises DecodeError on bad
-    data; the pipeline's handler counts and skips the sample."""
+    data; the pipeline's handler counts and skips the sample.
 
-    def __init__(self, config: DecodeConfig, num_classes: int, multi_label: bool, train: bool):
+    allow_unlabelled (prediction only): a sample without "cls" gets the label UNLABELLED (-1), or
+    all zeros for multi-label, instead of being an error."""
+
+    def __init__(
+        self, config: DecodeConfig, num_classes: int, multi_label: bool, train: bool, allow_unlabelled: bool = False
+    ):
         self.config = config
         self.num_classes = num_classes
         self.multi_label = multi_label
         self.train = train
+        self.allow_unlabelled = allow_unlabelled
         size = config.frame_size
         # Resize keeps the aspect ratio (short side -> size); the crop picks the square. Train crops
         # at random (same place in every frame of a clip), evaluation in the centre.
@@ -201,9 +210,15 @@ class SampleDecoder:
             frames = decode_frames(sample[video_ext], [i for view in per_view for i in view])  # (V*T, C, H, W)
             views = frames.reshape(len(positions), c.num_frames, *frames.shape[1:])
             video = torch.stack([self.video_transform(v) for v in views])  # (V, T, C, H, W)
-        return DecodedSample(key=key, meta=meta, label=self._label(sample["cls"]), audio=audio, video=video)
+        return DecodedSample(key=key, meta=meta, label=self._label(sample.get("cls")), audio=audio, video=video)
 
-    def _label(self, cls: bytes) -> torch.Tensor:
+    def _label(self, cls: bytes | None) -> torch.Tensor:
+        if cls is None:
+            if not self.allow_unlabelled:
+                raise ValueError("sample has no label (.cls)")
+            if self.multi_label:
+                return torch.zeros(self.num_classes)
+            return torch.tensor(UNLABELLED, dtype=torch.long)
         indices = [int(v) for v in cls.decode().split(",")]
         if not self.multi_label:
             return torch.tensor(indices[0], dtype=torch.long)

@@ -38,7 +38,8 @@ class SkipCounter:
 
 class LogSkippedSamples(L.Callback):
     """Logs `data/skipped_<stage>` (samples skipped this epoch, summed over ranks) at every epoch
-    end, for a DataModule with a `skipped` mapping of stage -> running count."""
+    end, for a DataModule with a `skipped` mapping of stage -> running count. Prediction, where
+    Lightning allows no self.log, gets a warning with the count instead."""
 
     def __init__(self):
         self._seen: dict[str, int] = {}
@@ -61,3 +62,14 @@ class LogSkippedSamples(L.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module):
         self._log(trainer, pl_module, "test")
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        # Lightning forbids self.log in prediction: the count is only written to the Python log
+        # (each file's reason was logged when it was skipped).
+        skipped = getattr(trainer.datamodule, "skipped", None)
+        if skipped is None or "predict" not in skipped:
+            return
+        new = skipped["predict"] - self._seen.get("predict", 0)
+        self._seen["predict"] = skipped["predict"]
+        if new:
+            log.warning("rank %d: %d predict samples skipped (not in the predictions)", trainer.global_rank, new)

@@ -1,0 +1,226 @@
+"""LightningModule: owns the losses, metrics, optimizer and schedule around a MoRClassifier.
+
+Model code stays free of Lightning; everything about training (auxiliary-loss weighting, router
+bias updates after optimizer steps, depth statistics for logging, compile) lives here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAccuracy,
+    MultilabelAveragePrecision,
+)
+
+from mormm.backbone import BackboneOutput, MoRBackbone
+from mormm.heads import Pooling
+from mormm.model import ClassifierOutput, MoRClassifier
+from mormm.uptrain import UptrainInit, uptrain
+
+
+def depth_stats(out: BackboneOutput, num_layers: int, plan) -> dict[str, Tensor]:
+    """Mean depth per step, fraction of tokens per depth, and the linear-FLOPs fraction of a
+    dense model with the same effective depth (tokens x layers actually processed)."""
+    valid = out.valid
+    n_valid = out.depth.numel() if valid is None else valid.sum().clamp(min=1)
+    stats: dict[str, Tensor] = {}
+    processed = float(len(plan.prelude) + len(plan.coda))
+    for r, step in enumerate(out.steps):
+        frac = step.selected.sum() / n_valid
+        stats[f"depth/selected_step{r}"] = frac
+        processed = processed + len(plan.steps[r]) * frac
+    for d in range(len(out.steps) + 1):
+        hit = out.depth == d
+        if valid is not None:
+            hit = hit & valid
+        stats[f"depth/fraction_depth{d}"] = hit.sum() / n_valid
+    mean_depth = out.depth.sum() / n_valid
+    stats["depth/mean"] = mean_depth
+    stats["flops_fraction"] = processed / num_layers
+    return stats
+
+
+class MoRModule(L.LightningModule):
+    """Audio / video / audio+video classification with a Mixture-of-Recursions backbone.
+
+    tokenizer:     an encoders.* tokenizer (class_path/init_args in YAML).
+    backbone:      mormm.backbone.MoRBackbone with its config and router.
+    num_classes:   linked from the data module.
+    multi_label:   linked from the data module; BCE + mAP instead of cross-entropy + accuracy.
+    pooling:       mormm.heads.MeanPooling (default), ClassTokenPooling or AttentionPooling.
+    lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up then cosine decay
+                   to min_lr_ratio * lr over the trainer's estimated steps; norms, biases and
+                   other 1-D parameters get no weight decay.
+    label_smoothing: for single-label cross-entropy.
+    compile:       torch.compile the backbone (static shapes make expert-choice compile well).
+    init_from:     uptraining source (mormm.uptrain.UptrainInit), applied at construction.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        backbone: MoRBackbone,
+        num_classes: int = 2,
+        multi_label: bool = False,
+        pooling: Pooling | None = None,
+        head_dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+        init_from: UptrainInit | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MoRClassifier(tokenizer, backbone, num_classes, pooling, head_dropout)
+        self.num_classes = num_classes
+        self.multi_label = multi_label
+        if init_from is not None:
+            uptrain(self.model, backbone, init_from)
+        top_k = min(5, num_classes)
+        if multi_label:
+            metrics = {
+                "mAP": MultilabelAveragePrecision(num_classes, average="macro"),
+                "acc": MultilabelAccuracy(num_classes),
+            }
+        else:
+            metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
+            if top_k > 1:
+                metrics[f"acc_top{top_k}"] = MulticlassAccuracy(num_classes, top_k=top_k)
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self._router_stats: dict[str, Tensor] = {}
+
+    @property
+    def backbone(self) -> MoRBackbone:
+        return self.model.backbone
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not isinstance(self.model.backbone, torch._dynamo.OptimizedModule):
+            self.model.backbone = torch.compile(self.model.backbone)
+
+    def forward(self, batch: dict) -> ClassifierOutput:
+        return self.model(batch)
+
+    # -- losses -------------------------------------------------------------------------------
+
+    def _task_loss(self, logits: Tensor, label: Tensor) -> Tensor:
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, label.float())
+        return F.cross_entropy(logits, label, label_smoothing=self.hparams.label_smoothing)
+
+    @staticmethod
+    def _clip_logits(logits: Tensor, batch: dict) -> Tensor:
+        """Average the logits of a clip's evaluation views (clip_index maps views to clips)."""
+        if "clip_index" not in batch:
+            return logits
+        idx = batch["clip_index"].to(logits.device)
+        clips = len(batch["label"])
+        total = logits.new_zeros(clips, logits.shape[-1]).index_add_(0, idx, logits)
+        count = torch.bincount(idx, minlength=clips).clamp(min=1)
+        return total / count[:, None].to(logits.dtype)
+
+    def _log_depth(self, out: BackboneOutput, stage: str, batch_size: int) -> None:
+        stats = depth_stats(out, self.backbone.config.num_layers, self.backbone.plan)
+        stats.update({f"router/{k}": v for k, v in out.stats.items() if v.dim() == 0})
+        on_step = stage == "train"
+        self.log_dict({f"{stage}/{k}": v for k, v in stats.items()}, on_step=on_step,
+                      on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self(batch)
+        task = self._task_loss(out.logits, batch["label"])
+        loss = task + out.backbone.aux_loss
+        B = len(batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/task_loss", task, batch_size=B)
+        for k, v in out.backbone.losses.items():
+            self.log(f"train/{k}", v, batch_size=B)
+        self._log_depth(out.backbone, "train", B)
+        # Kept for the loss-free bias update that runs after this step's optimizer step.
+        self._router_stats = {k: v.detach() for k, v in out.backbone.stats.items()}
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        router = self.backbone.router
+        if router is not None and self._router_stats:
+            stats = self._router_stats
+            if self.trainer is not None and self.trainer.world_size > 1 and "load" in stats:
+                stats = dict(stats, load=self.all_gather(stats["load"]).float().mean(0))
+            router.after_optimizer_step(stats)
+
+    def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> None:
+        out = self(batch)
+        logits = self._clip_logits(out.logits, batch)
+        label = batch["label"]
+        B = len(label)
+        self.log(f"{stage}/loss", self._task_loss(logits, label), batch_size=B, sync_dist=True,
+                 prog_bar=stage == "val")
+        metrics.update(logits, label.int() if self.multi_label else label)
+        self.log_dict(metrics, batch_size=B, prog_bar=stage == "val")
+        self._log_depth(out.backbone, stage, B)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out = self(batch)
+        logits = self._clip_logits(out.logits, batch)
+        probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
+        return {"key": batch.get("key"), "meta": batch.get("meta"), "probs": probs,
+                "depth": out.backbone.depth, "valid": out.backbone.valid,
+                "clip_index": batch.get("clip_index")}
+
+    # -- optimisation -------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Norm gains, biases, class/query tokens and position tables: decaying them only
+            # fights the normalisation.
+            (no_decay if p.ndim <= 1 or name.endswith((".token", ".query")) else decay).append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1000
+        warmup = min(hp.warmup_steps, max(0, total - 1))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        head = checkpoint.get("state_dict", {}).get("model.head.fc.weight")
+        if head is not None and head.shape[0] != self.num_classes:
+            raise ValueError(
+                f"the checkpoint was trained for {head.shape[0]} classes but the data has "
+                f"{self.num_classes}; to fine-tune it on new classes use model.init_from "
+                f"(uptraining copies everything but the head) instead of --ckpt_path"
+            )
