@@ -61,10 +61,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MoRCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        return _tool(argv[0], argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        return _tool(args[0], args[1:])
     try:
+        # LightningCLI reads sys.argv itself when run as the console script.
         build_cli(argv)
     except ValueError as e:  # a user error with its own clear message: no deep stack trace
         print(f"error: {e}", file=sys.stderr)
