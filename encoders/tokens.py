@@ -61,6 +61,20 @@ class Tokens:
             t = getattr(self, name)
             if t is not None and t.shape != (B, N):
                 raise ValueError(f"Tokens.{name} must be (B={B}, N={N}), got {tuple(t.shape)}")
+        for name in ("segment_ids", "modality_ids"):
+            t = getattr(self, name)
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise ValueError(f"Tokens.{name} must hold integer ids, got dtype {t.dtype}")
+        if self.padding_mask is not None and self.padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"Tokens.padding_mask must be bool (True = padding), got dtype "
+                f"{self.padding_mask.dtype}; convert with `mask.bool()`"
+            )
+        if self.max_segment_len < 1 or (self.num_segments is not None and self.num_segments < 1):
+            raise ValueError(
+                f"Tokens.num_segments={self.num_segments} and max_segment_len="
+                f"{self.max_segment_len} must be >= 1"
+            )
         if self.num_segments is None:
             # Each token its own segment unless the tokenizer says otherwise.
             self.num_segments = N

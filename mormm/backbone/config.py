@@ -61,10 +61,18 @@ class BackboneConfig:
         validate_depth(self.sharing, self.num_layers, self.num_recursions)
         if not 0 <= self.rope_axes <= 3:
             raise ValueError(f"rope_axes={self.rope_axes} must be between 0 and 3")
+        if self.rope_axes and (self.dim // self.num_heads) % 2:
+            raise ValueError(
+                f"head_dim={self.dim // self.num_heads} (dim / num_heads) must be even for rotary "
+                f"embeddings (they rotate channel pairs); change dim or num_heads, or set "
+                f"rope_axes=0"
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be positive (100 is the default)")
         if self.rope_axes and (self.dim // self.num_heads) // 2 < self.rope_axes:
             raise ValueError(
-                f"head_dim={self.dim // self.num_heads} is too small for {self.rope_axes} rotary "
-                f"axes (each axis needs at least one pair of channels)"
+                f"head_dim={self.dim // self.num_heads} (dim / num_heads) is too small for "
+                f"rope_axes={self.rope_axes} (each axis needs at least one pair of channels)"
             )
         if self.kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode={self.kv_mode!r} is unknown; choose one of {KV_MODES}")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mormm.backbone.rotary import apply_rotary
 
-Rope = tuple[Tensor, Tensor] | None  # cos, sin (B, K, P)
+Rope = Tensor | None  # rotation table (B, K, 2, Dh), see rotary.py
 KV = tuple[Tensor, Tensor]  # keys (rotated), values: (B, H, M, Dh)
 
 
@@ -36,31 +36,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        B, K, _ = t.shape
-        return t.view(B, K, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, K, Dh)
-
     def _out(self, o: Tensor) -> Tensor:
         B, _, K, _ = o.shape
         return self.proj(o.transpose(1, 2).reshape(B, K, -1))  # (B, K, D)
 
     def forward(self, x: Tensor, rope: Rope, key_valid: Tensor | None) -> tuple[Tensor, KV]:
         """Self-attention over the K tokens given; also returns their keys/values for sharing."""
-        q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        B, K, _ = x.shape
+        qkv = self.qkv(x).view(B, K, 3, self.num_heads, self.head_dim)  # (B, K, 3, H, Dh)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = apply_rotary(qk, rope)  # queries and keys in one pass
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, K, Dh) each
+        v = v.transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(key_valid))
         return self._out(o), (k, v)
 
     def attend_to(self, x: Tensor, rope: Rope, kv: KV, key_valid: Tensor | None) -> Tensor:
         """Queries from x attend to given keys/values (recursive KV sharing): only the query
         slice of the fused projection runs, so K/V projections are skipped entirely."""
-        D = x.shape[-1]
+        B, K, D = x.shape
         bias = None if self.qkv.bias is None else self.qkv.bias[:D]
-        q = self._heads(F.linear(x, self.qkv.weight[:D], bias))
+        q = F.linear(x, self.qkv.weight[:D], bias).view(B, K, self.num_heads, self.head_dim)
         if rope is not None:
-            q = apply_rotary(q, *rope)
-        o = F.scaled_dot_product_attention(q, *kv, attn_mask=_key_mask(key_valid))
+            q = apply_rotary(q, rope)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), *kv, attn_mask=_key_mask(key_valid))
         return self._out(o)
 
 

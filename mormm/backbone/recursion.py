@@ -97,14 +97,18 @@ class MoRBackbone(nn.Module):
         B, N, _ = x.shape
         valid = tokens.valid  # (B, N) or None
         rope = self.rotary(tokens.positions) if self.rotary is not None else None
+        if rope is not None and torch.is_autocast_enabled(x.device.type):
+            # Attention rotates q/k in the autocast dtype; cast once here rather than in every
+            # layer (same numbers, half the bytes gathered and read per layer).
+            rope = rope.to(torch.get_autocast_dtype(x.device.type))
 
         for i in self.plan.prelude:
             x, _ = self.layers[i](x, rope, valid)
 
         units = self._units(tokens) if self.router is not None else None
         active = units.all_valid(B, x.device) if units is not None else None
+        everyone = _all_or(valid, B, N, x.device) if self.router is None else None
         carry = None
-        depth = torch.zeros(B, N, dtype=torch.long, device=x.device)
         shared_kv: list = []
         traces: list[StepTrace] = []
         losses: dict[str, Tensor] = {}
@@ -115,8 +119,7 @@ class MoRBackbone(nn.Module):
                 # Plain recursion: every token takes every step, no gate.
                 for j, i in enumerate(chunk):
                     x, _ = self._layer(i, x, rope, valid, valid, r, j, shared_kv)
-                depth += 1
-                traces.append(StepTrace(_all_or(valid, B, N, x.device), None, None))
+                traces.append(StepTrace(everyone, None, None))
                 continue
 
             route = self.router.route(r, x, units, active, carry)
@@ -130,17 +133,18 @@ class MoRBackbone(nn.Module):
                 selected = selected & valid  # a padded token never joins a real segment's step
             gate = units.broadcast(route.gate).to(x.dtype)  # (B, N)
             x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
-                           route.exact, shared_kv)
-            depth += selected.long()
+                           route.exact, shared_kv, route.index)
             traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
 
         for i in self.plan.coda:
             x, _ = self.layers[i](x, rope, valid)
 
         aux = sum(losses.values()) if losses else x.new_zeros(())
+        # Recursions per token; selections never include padding, so padding gets depth 0.
+        depth = torch.stack([t.selected for t in traces]).sum(0)  # (B, N) long
         return BackboneOutput(
             hidden=self.norm(x),
-            depth=depth if valid is None else depth * valid,
+            depth=depth,
             steps=traces,
             aux_loss=aux,
             losses=losses,
@@ -159,22 +163,29 @@ class MoRBackbone(nn.Module):
             shared_kv.append(kv)
         return h, kv
 
-    def _step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv) -> Tensor:
-        """Run recursion step r on the selected tokens and merge the gated update into x."""
+    def _step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None):
+        """Run recursion step r on the selected tokens and merge the gated update into x.
+
+        exact: every sample selects exactly K tokens (static), so no slot is padding and attention
+        needs no mask (SDPA keeps its flash kernels). index: the router's (B, K) ascending token
+        indices, when it has them; otherwise they are ranked from the mask here.
+        """
         B, N, _ = x.shape
         if K >= N:
-            # Nothing to skip statically (e.g. capacity 1): run in place, mask the rest.
+            # Nothing to skip statically (e.g. capacity 1): run in place.
             h = x
+            key_valid = valid if exact else selected  # exact at K == N: every token is selected
             for j, i in enumerate(chunk):
-                h, _ = self._layer(i, h, rope, selected, valid, r, j, shared_kv)
+                h, _ = self._layer(i, h, rope, key_valid, valid, r, j, shared_kv)
             update = self._update(h, x, gate)
-            return x + torch.where(selected[..., None], update, 0)
+            return x + (update if exact else torch.where(selected[..., None], update, 0))
 
         # Gather the K selected tokens into a dense (B, K, D) tensor, in sequence order.
-        index = selected.to(x.dtype).topk(K, dim=-1).indices.sort(dim=-1).values  # (B, K)
+        if index is None:
+            index = selected.to(x.dtype).topk(K, dim=-1).indices.sort(dim=-1).values  # (B, K)
         slot_valid = None if exact else selected.gather(1, index)  # (B, K)
         h_in = _gather(x, index)
-        rope_k = None if rope is None else (_gather(rope[0], index), _gather(rope[1], index))
+        rope_k = None if rope is None else _gather(rope, index)
         h = h_in
         for j, i in enumerate(chunk):
             h, _ = self._layer(i, h, rope_k, slot_valid, valid, r, j, shared_kv)

@@ -36,6 +36,7 @@ class Route:
     losses: dict[str, Tensor] = field(default_factory=dict)  # weighted auxiliary losses
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached numbers to log
     carry: Any = None
+    index: Tensor | None = None  # (B, kept) ascending indices of the selected units, when exact
 
 
 def default_capacities(num_steps: int) -> list[float]:
@@ -60,13 +61,31 @@ def _check_capacities(capacities: list[float], num_steps: int, owner: str) -> No
             )
 
 
-def _select_top(eligible: Tensor, priority: Tensor, budget: Tensor, kept: int) -> Tensor:
-    """(B, U) bool: the `budget[b]` eligible units of highest priority (kept >= budget)."""
+def _select_top(
+    eligible: Tensor, priority: Tensor, budget: Tensor | None, kept: int
+) -> tuple[Tensor, Tensor]:
+    """(B, U) bool: the `budget[b]` eligible units of highest priority (kept >= budget; budget
+    None: `kept` of them, as many as are eligible), and the (B, kept) indices of the top `kept`
+    units, highest first."""
     masked = priority.masked_fill(~eligible, float("-inf"))
     top = masked.topk(kept, dim=-1)  # (B, kept), highest first
-    rank = torch.arange(kept, device=priority.device)
-    take = (rank < budget[:, None]) & top.values.isfinite()
-    return torch.zeros_like(eligible).scatter(1, top.indices, take)
+    take = top.values.isfinite()
+    if budget is not None:
+        take = take & (torch.arange(kept, device=priority.device) < budget[:, None])
+    return torch.zeros_like(eligible).scatter(1, top.indices, take), top.indices
+
+
+def _check_nonnegative(owner: str, **values: float) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise ValueError(f"{owner}.{name}={v} must be >= 0 (0 turns it off)")
+
+
+def _check_hidden(owner: str, mlp_hidden: int | None) -> None:
+    if mlp_hidden is not None and mlp_hidden < 1:
+        raise ValueError(
+            f"{owner}.mlp_hidden={mlp_hidden} must be a positive width, or null for the linear router"
+        )
 
 
 def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
@@ -89,6 +108,11 @@ class Router(nn.Module):
         super().__init__()
         if unit not in UNITS:
             raise ValueError(f"{type(self).__name__}.unit={unit!r} is unknown; choose one of {UNITS}")
+        if capacities is not None and len(capacities) == 0:
+            raise ValueError(
+                f"{type(self).__name__}.capacities is empty; give one fraction per recursion step "
+                f"or leave it unset for the default (N_r - j + 1) / N_r"
+            )
         self.unit = unit
         self._capacities = None if capacities is None else [float(c) for c in capacities]
         self.num_steps = 0
@@ -114,6 +138,11 @@ class Router(nn.Module):
 
     def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
         """Hook the training loop calls after each optimizer step (loss-free balancing)."""
+
+    def statistics(self, steps: list, valid: Tensor | None) -> dict[str, Tensor]:
+        """Numbers worth logging, derived from a forward's step traces (kept out of the forward
+        itself, which then costs nothing extra at inference)."""
+        return {}
 
 
 class ExpertChoiceRouter(Router):
@@ -159,6 +188,8 @@ class ExpertChoiceRouter(Router):
             raise ValueError(f"ExpertChoiceRouter.alpha={alpha} must be positive")
         if threshold_slack < 1:
             raise ValueError(f"ExpertChoiceRouter.threshold_slack={threshold_slack} must be >= 1")
+        _check_nonnegative(type(self).__name__, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+        _check_hidden(type(self).__name__, mlp_hidden)
         self.alpha = alpha
         self.activation = activation
         self.mlp_hidden = mlp_hidden
@@ -171,6 +202,19 @@ class ExpertChoiceRouter(Router):
         # One router per recursion step: what a step should refine differs from step to step.
         self.proj = nn.ModuleList(_projection(dim, self.mlp_hidden, 1) for _ in range(num_steps))
 
+    @torch.no_grad()
+    def statistics(self, steps: list, valid: Tensor | None) -> dict[str, Tensor]:
+        """agreement/step{r}: how often "logit > 0" agrees with the top-k selection among the
+        tokens that competed at step r (valid, active before it): whether threshold (streaming)
+        inference can replace top-k. Counted per token (a segment weighs its size)."""
+        stats = {}
+        competed = valid if valid is not None else torch.ones_like(steps[0].selected)
+        for r, step in enumerate(steps):
+            agree = (step.logits > 0) == step.selected
+            stats[f"agreement/step{r}"] = _weighted_mean(agree.float(), competed)
+            competed = step.selected
+        return stats
+
     def gate_of(self, logits: Tensor) -> Tensor:
         act = torch.sigmoid if self.activation == "sigmoid" else torch.tanh
         return self.alpha * act(logits)
@@ -178,35 +222,45 @@ class ExpertChoiceRouter(Router):
     def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
         logits = units.pool(self.proj[step](hidden).squeeze(-1).float())  # (B, U)
         cap = self.capacities[step]
-        threshold = self.inference == "threshold" and not self.training
+        # Threshold inference decides only where there is something to decide: at capacity 1
+        # every active unit takes the step (every token gets at least one recursion).
+        threshold = self.inference == "threshold" and not self.training and cap < 1.0
+        # Exact: every sample keeps exactly `kept` units, known from shapes alone (no padding,
+        # full segments, top-k inference). Then top-k alone is the selection: no per-sample
+        # budgets, no second ranking; every op skipped here is a kernel launch saved per step.
+        exact = units.full and not threshold
         if threshold:
-            eligible = active & (logits > 0)
-            kept = min(units.num_units, capacity_count(min(1.0, cap * self.threshold_slack), units.num_units))
+            # Keep every unit with logit > 0 up to the static buffer, not up to the top-k count
+            # (bounding by `cap` left the slack unused: only the gather got wider).
+            cap = min(1.0, cap * self.threshold_slack)
+        kept = capacity_count(cap, units.num_units)
+        if exact:
+            # At step 0 of a full stream every unit is active: nothing to mask.
+            priority = logits if step == 0 else logits.masked_fill(~active, float("-inf"))
+            top = priority.topk(kept, dim=-1, sorted=False).indices  # (B, kept)
+            selected = torch.zeros_like(active).scatter(1, top, True)
         else:
-            eligible = active
-            kept = capacity_count(cap, units.num_units)
-        budget = capacity_counts(cap, units.count)
-        selected = _select_top(eligible, logits, budget, kept)
+            eligible = active & (logits > 0) if threshold else active
+            selected, _ = _select_top(eligible, logits, capacity_counts(cap, units.count), kept)
 
-        considered = active.to(logits.dtype)
-        losses, stats = {}, {}
-        if self.training and self.aux_loss_coef > 0:
-            bce = F.binary_cross_entropy_with_logits(logits, selected.to(logits.dtype), reduction="none")
-            losses["router_bce"] = self.aux_loss_coef * _weighted_mean(bce, considered)
-        if self.training and self.z_loss_coef > 0:
-            losses["router_z"] = self.z_loss_coef * _weighted_mean(logits.square(), considered)
-        with torch.no_grad():
-            # How often "logit > 0" agrees with top-k among the units that competed: the number
-            # that says whether threshold (streaming) inference can replace top-k.
-            stats["agreement"] = _weighted_mean(((logits > 0) == selected).float(), considered)
+        losses = {}
+        if self.training and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
+            considered = active.to(logits.dtype)
+            if self.aux_loss_coef > 0:
+                bce = F.binary_cross_entropy_with_logits(
+                    logits, selected.to(logits.dtype), reduction="none"
+                )
+                losses["router_bce"] = self.aux_loss_coef * _weighted_mean(bce, considered)
+            if self.z_loss_coef > 0:
+                losses["router_z"] = self.z_loss_coef * _weighted_mean(logits.square(), considered)
         return Route(
             selected=selected,
             gate=self.gate_of(logits),
             logits=logits,
             kept=kept,
-            exact=units.is_tokens and units.valid is None and not threshold,
+            exact=exact,
             losses=losses,
-            stats=stats,
+            index=top.sort(dim=-1).values if exact and units.is_tokens else None,
         )
 
 
@@ -246,6 +300,11 @@ class TokenChoiceRouter(Router):
             )
         if capacity_factor < 1:
             raise ValueError(f"TokenChoiceRouter.capacity_factor={capacity_factor} must be >= 1")
+        if alpha <= 0:
+            raise ValueError(f"TokenChoiceRouter.alpha={alpha} must be positive")
+        _check_nonnegative(type(self).__name__, balance_coef=balance_coef, bias_rate=bias_rate,
+                           z_loss_coef=z_loss_coef)
+        _check_hidden(type(self).__name__, mlp_hidden)
         self.alpha = alpha
         self.mlp_hidden = mlp_hidden
         self.balancing = balancing
@@ -267,13 +326,17 @@ class TokenChoiceRouter(Router):
         # Priority of a unit at step j: probability that its depth is >= j + 1.
         reach = probs.flip(-1).cumsum(-1).flip(-1)  # (B, U, R)
         losses, stats = {}, {}
+        if not self.training:  # balancing is a training concern: nothing to compute here
+            return (logits, choice, gate, reach), losses, stats
         w = active.to(probs.dtype)  # units that exist
         R = probs.shape[-1]
-        load = (F.one_hot(choice, R).to(probs.dtype) * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
-        if self.training and self.balancing == "loss" and self.balance_coef > 0:
+        # One-hot by comparison: F.one_hot range-checks with .item() on non-CUDA devices (a sync).
+        one_hot = (choice[..., None] == torch.arange(R, device=choice.device)).to(probs.dtype)
+        load = (one_hot * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
+        if self.balancing == "loss" and self.balance_coef > 0:
             importance = (probs * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
             losses["router_balance"] = self.balance_coef * R * (load.detach() * importance).sum()
-        if self.training and self.z_loss_coef > 0:
+        if self.z_loss_coef > 0:
             z = torch.logsumexp(logits, -1).square()
             losses["router_z"] = self.z_loss_coef * _weighted_mean(z, w)
         stats["load"] = load.detach()
@@ -289,14 +352,16 @@ class TokenChoiceRouter(Router):
         logits, choice, gate, reach = carry
         cap = self.step_capacity(step)
         kept = capacity_count(cap, units.num_units)
-        budget = capacity_counts(cap, units.count)
-        selected = _select_top(active & (choice >= step), reach[..., step], budget, kept)
+        # Full streams: every sample has all units, so the static `kept` is everyone's budget.
+        budget = None if units.full else capacity_counts(cap, units.count)
+        selected, _ = _select_top(active & (choice >= step), reach[..., step], budget, kept)
         return Route(
             selected=selected,
             gate=gate,
             logits=logits[..., step],
             kept=kept,
-            exact=False,
+            # Only the first step at full capacity is exact: every unit takes it.
+            exact=units.full and step == 0 and cap >= 1.0,
             losses=losses,
             stats=stats,
             carry=carry,

@@ -5,8 +5,9 @@ each effective layer to the index of the weights it uses; for L=9, N_r=3:
 
     cycle            0 1 2 0 1 2 0 1 2
     sequence         0 0 0 1 1 1 2 2 2
-    middle_cycle     0 1 2 3 1 2 3 1 2 ... first and last layers keep their own weights
-    middle_sequence  like middle_cycle, but the shared middle follows the sequence pattern
+    middle_cycle     0 1 2 3 1 2 3 1 2 3 4   shown for L=11: first and last layers keep their own
+    middle_sequence  0 1 1 1 2 2 2 3 3 3 4   weights; the middle L-2 must split into N_r chunks
+                                             (L=9 is rejected: 7 middle layers, N_r=3)
     none             0 1 2 ... L-1 (vanilla)
 
 The shared part (all L layers, or the middle L-2) is cut into N_r contiguous chunks: chunk r is the

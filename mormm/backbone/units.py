@@ -41,6 +41,7 @@ class Units:
     size: Tensor | None  # (B, U) valid tokens per unit (segments only)
     num_units: int  # U, static
     max_len: int  # static bound on tokens per unit
+    full: bool = False  # static: every unit exists and holds exactly max_len tokens (no padding)
 
     @classmethod
     def tokens(cls, token_valid: Tensor | None, batch: int, length: int, device) -> Units:
@@ -49,22 +50,36 @@ class Units:
             if token_valid is None
             else token_valid.sum(-1)
         )
-        return cls(None, token_valid, token_valid, count, None, length, 1)
+        return cls(None, token_valid, token_valid, count, None, length, 1, token_valid is None)
 
     @classmethod
     def segments(
         cls, segment_ids: Tensor, token_valid: Tensor | None, num_segments: int, max_len: int
     ) -> Units:
         B, N = segment_ids.shape
-        seg = segment_ids.clamp(0, num_segments - 1)
+        seg = segment_ids
+        # The static bounds decide how many tokens a step gathers: ids out of range or a
+        # segment longer than max_len would be selected but never computed. Checked on the
+        # device (no host sync); a tokenizer bug then fails loudly instead of silently.
+        torch._assert_async(
+            ((seg >= 0) & (seg < num_segments)).all(),
+            f"Tokens.segment_ids must lie in [0, num_segments={num_segments})",
+        )
         w = (
             torch.ones(B, N, device=seg.device)
             if token_valid is None
             else token_valid.to(torch.float32)
         )
         size = torch.zeros(B, num_segments, device=seg.device).scatter_add(1, seg, w)  # (B, U)
+        torch._assert_async(
+            (size <= max_len).all(),
+            f"a segment holds more than Tokens.max_segment_len={max_len} valid tokens",
+        )
         valid = size > 0
-        return cls(seg, token_valid, valid, valid.sum(-1), size, num_segments, max_len)
+        # No padding and U * max_len == N: every segment holds exactly max_len tokens (none can
+        # hold more), so unit counts translate into token counts statically.
+        full = token_valid is None and num_segments * max_len == N
+        return cls(seg, token_valid, valid, valid.sum(-1), size, num_segments, max_len, full)
 
     @property
     def is_tokens(self) -> bool:

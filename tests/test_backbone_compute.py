@@ -1,0 +1,164 @@
+"""Compute is really skipped (rows and FLOPs), and the forward never syncs with the host."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import random_tokens
+from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone.layers import Block
+
+DIM, HEADS, B, N = 32, 4, 2, 24
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(router=None, R=3, L=None, sharing="cycle", kv_mode="recursion"):
+    torch.manual_seed(0)
+    cfg = BackboneConfig(dim=DIM, num_heads=HEADS, num_layers=L or R, num_recursions=R,
+                         sharing=sharing, rope_axes=2, kv_mode=kv_mode)
+    return MoRBackbone(cfg, router).eval()
+
+
+def make_tokens(n=N, lengths=None, segments=None, seed=0):
+    return random_tokens(B, n, DIM, lengths, segments, seed)
+
+
+def qkv_rows(model, tokens):
+    """Rows each shared layer's fused qkv projection saw, in call order."""
+    rows = []
+    def count(module, args, output):
+        rows.append(args[0].shape[:-1].numel())
+
+    hooks = [layer.attn.qkv.register_forward_hook(count) for layer in model.layers]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+def flops(model, tokens):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(tokens)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("R,caps,kept", [(3, None, [24, 16, 8]),
+                                         (4, [1.0, 0.75, 0.5, 0.25], [24, 18, 12, 6])])
+def test_steps_process_only_the_selected_tokens(R, caps, kept):
+    mor = build(ExpertChoiceRouter(capacities=caps), R=R)
+    assert qkv_rows(mor, make_tokens()) == [B * k for k in kept]
+    assert qkv_rows(build(None, R=R), make_tokens()) == [B * N] * R
+    # With padding the static bound comes from the padded length, not from the data.
+    assert qkv_rows(mor, make_tokens(lengths=[24, 10])) == [B * k for k in kept]
+
+
+def test_segment_steps_gather_whole_segments():
+    mor = build(ExpertChoiceRouter(unit="segment"))  # 8 segments of 3: keep 8, 6, 3 segments
+    assert qkv_rows(mor, make_tokens(segments=3)) == [B * 24, B * 18, B * 9]
+
+
+def test_linear_flops_scale_with_capacity():
+    """FlopCounterMode counts the linear layers on CPU (SDPA's CPU kernel is not counted), so the
+    MoR/plain ratio is the capacity ratio plus the tiny routers, exactly."""
+    tokens = make_tokens()
+    mor, plain = build(ExpertChoiceRouter()), build(None)
+    block = Block(DIM, HEADS)
+
+    def block_flops(k):
+        with FlopCounterMode(display=False) as c:
+            block(torch.randn(B, k, DIM))
+        return c.get_total_flops()
+
+    f_mor, f_plain = flops(mor, tokens), flops(plain, tokens)
+    router = 3 * 2 * B * N * DIM  # one D->1 projection per step over all tokens
+    assert f_plain == 3 * block_flops(N)
+    assert f_mor == block_flops(24) + block_flops(16) + block_flops(8) + router
+    assert abs(f_mor / f_plain - 2 / 3) < 0.01
+
+
+def test_shared_kv_skips_key_value_projections():
+    """Recursive KV sharing: after step 0 only the query third of the qkv projection runs."""
+    tokens = make_tokens()
+    rec = build(ExpertChoiceRouter(), kv_mode="recursion")
+    shared = build(ExpertChoiceRouter(), kv_mode="shared")
+    shared.load_state_dict(rec.state_dict())
+    assert qkv_rows(shared, tokens) == [B * N]  # the nn.Linear module runs at step 0 only
+    saved = 2 * (2 * B * 16 * DIM * DIM + 2 * B * 8 * DIM * DIM)  # K and V rows of steps 1, 2
+    assert flops(rec, tokens) - flops(shared, tokens) == saved
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records aten ops that force a device -> host sync (or a data-dependent output shape) when
+    the same code runs on an accelerator. Catches what fullgraph misses (torch 2.11 traces
+    `.item()` in arithmetic and boolean indexing without a graph break)."""
+
+    SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "is_nonzero",
+                "equal", "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+                "repeat_interleave", "histc", "allclose"}
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNC_OPS:
+            self.hits.append(name)
+        if name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)):
+            if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1]):
+                self.hits.append(f"{name}[bool mask]")
+        return func(*args, **(kwargs or {}))
+
+
+def _fullgraph(model, tokens):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    return compiled(tokens)  # raises on a graph break (data-dependent control flow, .tolist())
+
+
+COMPILE_CASES = {
+    "expert": (lambda: ExpertChoiceRouter(), dict()),
+    "expert_segment": (lambda: ExpertChoiceRouter(unit="segment"), dict(segments=3)),
+    "token_choice": (lambda: TokenChoiceRouter(), dict()),
+    "expert_threshold": (lambda: ExpertChoiceRouter(inference="threshold"), dict()),
+}
+
+
+@pytest.mark.parametrize("kv_mode", ["recursion", "shared"])
+@pytest.mark.parametrize("kind", list(COMPILE_CASES))
+def test_forward_has_no_host_sync(kind, kv_mode):
+    make_router, tok_args = COMPILE_CASES[kind]
+    model = build(make_router(), L=5, sharing="middle_cycle", kv_mode=kv_mode)
+    tokens = make_tokens(lengths=[24, 17], **tok_args)
+    w = torch.randn(B, N, DIM)
+    for train in (True, False):
+        model.train(train)
+        with SyncRecorder() as rec:
+            ref = model(tokens)
+            if train:
+                ((ref.hidden * w).sum() + ref.aux_loss).backward()
+        assert rec.hits == []
+        out = _fullgraph(model, tokens)
+        torch.testing.assert_close(out.hidden, ref.hidden, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out.depth, ref.depth)
+
+
+def test_sync_checks_catch_host_syncs():
+    x = torch.randn(5)
+    for sync in (lambda: x * x.sum().item(), lambda: x[x > 0], lambda: x.nonzero(),
+                 lambda: x.unique(), lambda: bool(x.sum() > 0)):
+        with SyncRecorder() as rec:
+            sync()
+        assert rec.hits, sync
+
+    class Branches(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)data-dependent|graph break|unsupported"):
+        torch.compile(Branches(), fullgraph=True, backend="eager")(torch.ones(3))
