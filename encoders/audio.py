@@ -111,8 +111,10 @@ class AudioTokenizer(nn.Module):
                 f"std and segment_seconds must be positive, got {std}, {segment_seconds}"
             )
         self.dim, self.sample_rate, self.n_mels = dim, sample_rate, n_mels
-        self.win = round(sample_rate * win_ms / 1000)  # samples per frame
-        self.hop = round(sample_rate * hop_ms / 1000)  # samples between frames
+        # Samples per frame and between frames, truncated exactly as Kaldi's fbank computes them,
+        # so both front ends agree with the grid at any rate (11025 Hz: 275, not 276).
+        self.win = int(sample_rate * win_ms * 0.001)
+        self.hop = int(sample_rate * hop_ms * 0.001)
         self.frontend, self.mean, self.std, self.eps = frontend, mean, std, eps
         self.layout, self.pt, self.pf = layout, pt, pf
         self.segment_seconds, self.modality_id = segment_seconds, modality_id
@@ -171,7 +173,9 @@ class AudioTokenizer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def check(self, audio: Tensor, audio_lengths: Tensor | None, sample_rate) -> None:
+    def check(self, audio: Tensor, audio_lengths: Tensor | None, sample_rate) -> bool:
+        """Raise a ValueError naming what is wrong with the batch; True when audio_lengths says
+        every clip fills all S samples (nothing is padded)."""
         if sample_rate is not None:
             rates = torch.as_tensor(sample_rate).reshape(-1).tolist()
             if any(r != self.sample_rate for r in rates):
@@ -188,19 +192,21 @@ class AudioTokenizer(nn.Module):
                 f"(shape {tuple(audio.shape)}): empty clip"
             )
         if audio_lengths is None:
-            return
+            return True
         if audio_lengths.shape != (B,):
             raise ValueError(
                 f"audio_lengths must be (B={B},), got shape {tuple(audio_lengths.shape)}"
             )
         # One small host sync to name bad clips; cheap next to the spectrogram.
-        bad = (audio_lengths < self.win) | (audio_lengths > S)
-        if bad.any():
+        lo, hi = torch.stack(audio_lengths.aminmax()).tolist()
+        if lo < self.win or hi > S:
+            bad = (audio_lengths < self.win) | (audio_lengths > S)
             idx = bad.nonzero().flatten().tolist()
             raise ValueError(
                 f"audio_lengths must be in [{self.win}, S={S}] samples (at least one window); "
                 f"clips {idx} have {audio_lengths[idx].tolist()}: empty clip or length past S"
             )
+        return lo == S
 
     def features(self, audio: Tensor) -> Tensor:
         """(B, S) waveform -> (B, Lmax, F) normalised log-mel frames, computed in float32."""
@@ -243,7 +249,10 @@ class AudioTokenizer(nn.Module):
     def forward(
         self, audio: Tensor, audio_lengths: Tensor | None = None, sample_rate=None
     ) -> Tokens:
-        self.check(audio, audio_lengths, sample_rate)
+        if self.check(audio, audio_lengths, sample_rate):
+            # Nothing padded: no mask, so the backbone keeps its exact routing and unmasked
+            # (flash) attention.
+            audio_lengths = None
         B, S = audio.shape
         n, f = self.grid(S)
         N = n * f

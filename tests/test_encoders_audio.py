@@ -34,6 +34,10 @@ def test_shapes_and_counts(frontend, layout, seconds):
     assert out.embeddings.shape == (2, n * f, DIM)
     assert out.axes == ("time", "freq") and out.positions.shape == (2, n * f, 2)
     assert out.padding_mask is None  # no lengths given: nothing is padding
+    tok.eval()  # no SpecAugment: the same input gives the same tokens
+    wave = noise(2, S)
+    full = tok(wave, torch.tensor([S, S]))  # lengths that pad nothing: no mask either
+    assert full.padding_mask is None and torch.equal(full.embeddings, tok(wave).embeddings)
     assert out.modality_ids.unique().tolist() == [0]
     k, j = out.positions[0].long().unbind(-1)
     assert torch.equal(k * f + j, torch.arange(n * f))  # (time, freq) row-major
@@ -196,3 +200,13 @@ def test_bad_config():
         AudioTokenizer(DIM, layout="columns")
     with pytest.raises(ValueError, match="frontend must be one of"):
         AudioTokenizer(DIM, frontend="mfcc")
+
+
+@pytest.mark.parametrize("rate", [11025, 22050, 44100])
+@pytest.mark.parametrize("frontend", ["kaldi", "mel"])
+def test_frame_grid_matches_the_frontend_at_odd_rates(rate, frontend):
+    """Window and hop in samples are truncated as Kaldi truncates them, so the token grid the
+    tokenizer promises is the one the front end computes (11025 Hz: 275-sample windows)."""
+    tok = AudioTokenizer(DIM, sample_rate=rate, frontend=frontend).eval()
+    S = int(rate * 0.731)
+    assert tok.features(torch.randn(1, S) * 0.1).shape[1] == tok.num_frames(S)
