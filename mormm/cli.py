@@ -8,10 +8,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from argparse import ArgumentError
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 
 from mormm.data import LogSkippedSamples, ShardDataModule
@@ -26,6 +33,16 @@ class MoRCLI(LightningCLI):
         # Class names and count come from the dataset index: configs never repeat them.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # The default RichProgressBar would make `--trainer.enable_progress_bar false` an error.
+        if config.get("enable_progress_bar") is False:
+            defaults = self.trainer_defaults.get("callbacks", [])
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)],
+            }
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def trainer_defaults() -> dict:
@@ -54,6 +71,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MoRCLI:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        # Bad arguments raise ArgumentError (main prints its message without the full usage).
+        parser_kwargs={"exit_on_error": False},
         args=args,
         run=run,
         auto_configure_optimizers=False,
@@ -67,10 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # LightningCLI reads sys.argv itself when run as the console script.
         build_cli(argv)
-    except ValueError as e:  # a user error with its own clear message: no deep stack trace
-        print(f"error: {e}", file=sys.stderr)
+    except ArgumentError as e:  # unknown option, class_path typo, bad value: no 100-line usage
+        command = "mormm " + (args[0] if args and args[0] in MoRCLI.subcommands() else "")
+        print(f"error: {e}\n(options: {command.strip()} --help)", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as e:  # a user error with its own clear message
+        return user_error(e)
     return 0
+
+
+def user_error(e: Exception) -> int:
+    """Print a user error as one message (exit code 2); MORMM_DEBUG=1 re-raises it with its
+    traceback, for the errors that turn out to be ours."""
+    if os.environ.get("MORMM_DEBUG"):
+        raise e
+    print(f"error: {e}\n(MORMM_DEBUG=1 shows the traceback)", file=sys.stderr)
+    return 2
 
 
 def _tool(name: str, argv: list[str]) -> int:

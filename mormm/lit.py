@@ -60,7 +60,8 @@ class MoRModule(L.LightningModule):
                    other 1-D parameters get no weight decay.
     label_smoothing: for single-label cross-entropy.
     compile:       torch.compile the backbone (static shapes make expert-choice compile well).
-    init_from:     uptraining source (mormm.uptrain.UptrainInit), applied at construction.
+    init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
+                   from scratch (not on resume, validate, test or predict).
     """
 
     def __init__(
@@ -84,9 +85,6 @@ class MoRModule(L.LightningModule):
         self.model = MoRClassifier(tokenizer, backbone, num_classes, pooling, head_dropout)
         self.num_classes = num_classes
         self.multi_label = multi_label
-        if init_from is not None:
-            uptrain(self.model, backbone, init_from)
-        top_k = min(5, num_classes)
         if multi_label:
             metrics = {
                 "mAP": MultilabelAveragePrecision(num_classes, average="macro"),
@@ -94,19 +92,31 @@ class MoRModule(L.LightningModule):
             }
         else:
             metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
-            if top_k > 1:
-                metrics[f"acc_top{top_k}"] = MulticlassAccuracy(num_classes, top_k=top_k)
+            if num_classes > 5:  # with 5 classes or fewer, top-5 accuracy is always 1
+                metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
+        self.train_metrics = MetricCollection({"acc": metrics["acc"].clone()}, prefix="train/")
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
-        self._router_stats: dict[str, Tensor] = {}
+        # Token-choice load of each micro-batch since the last optimizer step (averaged for the
+        # loss-free bias update, so gradient accumulation sees the whole effective batch).
+        self._loads: list[Tensor] = []
 
     @property
     def backbone(self) -> MoRBackbone:
         return self.model.backbone
 
     def configure_model(self) -> None:
-        if self.hparams.compile and not isinstance(self.model.backbone, torch._dynamo.OptimizedModule):
-            self.model.backbone = torch.compile(self.model.backbone)
+        if self.hparams.compile:
+            # In place: parameter names (and so checkpoints) stay those of the eager model.
+            self.model.backbone.compile()
+
+    def on_fit_start(self) -> None:
+        # Uptraining initialises a fresh run only. A resumed run (--ckpt_path) takes every weight
+        # from its checkpoint and must not need the source file any more; neither do
+        # validate/test/predict, which never reach here.
+        init = self.hparams.init_from
+        if init is not None and self.trainer.ckpt_path is None:
+            uptrain(self.model, self.backbone, init)
 
     def forward(self, batch: dict) -> ClassifierOutput:
         return self.model(batch)
@@ -151,18 +161,22 @@ class MoRModule(L.LightningModule):
         for k, v in out.backbone.losses.items():
             self.log(f"train/{k}", v, batch_size=B)
         self._log_depth(out.backbone, "train", B)
-        # Kept for the loss-free bias update that runs after this step's optimizer step.
-        self._router_stats = {k: v.detach() for k, v in out.backbone.stats.items()}
+        label = batch["label"]
+        self.train_metrics.update(out.logits.detach(), label.int() if self.multi_label else label)
+        self.log_dict(self.train_metrics, batch_size=B, on_step=False, on_epoch=True)
+        if "load" in out.backbone.stats:  # for the bias update after the optimizer step
+            self._loads.append(out.backbone.stats["load"].detach())
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         router = self.backbone.router
-        if router is not None and self._router_stats:
-            stats = self._router_stats
-            if self.trainer is not None and self.trainer.world_size > 1 and "load" in stats:
-                stats = dict(stats, load=self.all_gather(stats["load"]).float().mean(0))
-            router.after_optimizer_step(stats)
+        if router is not None and self._loads:
+            load = torch.stack(self._loads).mean(0)
+            self._loads = []
+            if self.trainer is not None and self.trainer.world_size > 1:
+                load = self.all_gather(load).float().mean(0)
+            router.after_optimizer_step({"load": load})
 
     def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> None:
         out = self(batch)
@@ -192,13 +206,15 @@ class MoRModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self):
+        # Decay the weights of linear and convolutional layers only: norm gains, biases,
+        # class/query tokens and position tables would only fight the normalisation. Decided by
+        # module type, not tensor rank, which FSDP's flattened shards do not keep.
+        weights = {id(m.weight) for m in self.modules()
+                   if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # Norm gains, biases, class/query tokens and position tables: decaying them only
-            # fights the normalisation.
-            (no_decay if p.ndim <= 1 or name.endswith((".token", ".query")) else decay).append(p)
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if id(p) in weights else no_decay).append(p)
         hp = self.hparams
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay},

@@ -204,14 +204,23 @@ class ExpertChoiceRouter(Router):
 
     @torch.no_grad()
     def statistics(self, steps: list, valid: Tensor | None) -> dict[str, Tensor]:
-        """agreement/step{r}: how often "logit > 0" agrees with the top-k selection among the
-        tokens that competed at step r (valid, active before it): whether threshold (streaming)
-        inference can replace top-k. Counted per token (a segment weighs its size)."""
+        """Per step r, among the tokens that competed (valid, active before r), counted per token
+        (a segment weighs its size):
+        agreement/step{r}:  how often "logit > 0" agrees with the top-k selection: whether
+                            threshold (streaming) inference can replace top-k;
+        separation/step{r}: mean logit of the selected minus mean logit of the rest: how
+                            decisively the router separates them (steps at capacity 1 have no
+                            rest and are left out)."""
         stats = {}
         competed = valid if valid is not None else torch.ones_like(steps[0].selected)
         for r, step in enumerate(steps):
             agree = (step.logits > 0) == step.selected
             stats[f"agreement/step{r}"] = _weighted_mean(agree.float(), competed)
+            if self.capacities[r] < 1.0:
+                rest = competed & ~step.selected
+                stats[f"separation/step{r}"] = (
+                    _weighted_mean(step.logits, step.selected) - _weighted_mean(step.logits, rest)
+                )
             competed = step.selected
         return stats
 

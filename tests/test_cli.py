@@ -1,0 +1,147 @@
+"""`mormm` end to end: predictions written per clip, clear user errors with exit code 2, and a
+two-process CPU (gloo) DDP `mormm fit`."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mormm.cli import main
+from mormm.data import ensure_demo, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = "configs/quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def cli_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["mormm"])
+    monkeypatch.chdir(ROOT)
+
+
+def small(out: Path) -> list[str]:
+    return [
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--data.batch_size", "4", "--data.num_workers", "0", "--data.shuffle_buffer", "8",
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    ensure_demo("audio")
+    out = tmp_path_factory.mktemp("fit")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["mormm"])
+        mp.chdir(ROOT)
+        assert main(["fit", "--config", QUICKSTART, *small(out)]) == 0
+    return out / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_predict_writes_class_probability_and_depth_per_clip(checkpoint: Path, tmp_path: Path):
+    rc = main(["predict", "--config", QUICKSTART, *small(tmp_path), "--ckpt_path", str(checkpoint),
+               "--data.predict_from", "val", "--trainer.limit_predict_batches", "2"])
+    assert rc == 0
+    files = list(tmp_path.glob("**/predictions.jsonl"))
+    assert len(files) == 1
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
+    for r in rows:
+        assert r["class"] in ("rise", "fall", "pulse", "wobble")
+        assert 0.25 <= r["probability"] <= 1.0 and r["top5"][0] == [r["class"], r["probability"]]
+        assert r["depth"] and all(1 <= d <= 3 for d in r["depth"])  # every token recursed 1-3 times
+        assert math.isclose(r["mean_depth"], sum(r["depth"]) / len(r["depth"]), abs_tol=1e-3)
+
+
+# -- user errors: exit code 2 and one readable message, no traceback -----------------------------
+
+
+def test_missing_dataset_names_the_path(tmp_path: Path, capsys):
+    missing = tmp_path / "no_such_shards"
+    assert main(["fit", "--config", QUICKSTART, *small(tmp_path), "--data.dataset", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "mormm shards" in err and "Traceback" not in err
+
+
+def two_class_shards(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("low", "high"):
+        for i in range(6):
+            (root / "in" / name).mkdir(parents=True, exist_ok=True)
+            sf.write(root / "in" / name / f"{i}.wav", rng.uniform(-0.3, 0.3, 16_000).astype(np.float32), 16_000)
+    return write_shards(root / "in", root / "shards", split=[0.5, 0.5], max_samples=4).output
+
+
+def test_class_count_mismatch_with_a_checkpoint_is_explained(checkpoint: Path, tmp_path: Path, capsys):
+    shards = two_class_shards(tmp_path)
+    rc = main(["fit", "--config", QUICKSTART, *small(tmp_path / "run"), "--data.dataset", str(shards),
+               "--ckpt_path", str(checkpoint)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "trained for 4 classes but the data has 2" in err and "init_from" in err
+
+
+@pytest.mark.parametrize("override", [
+    ["--model.backbone.init_args.router.class_path", "mormm.backbone.ExpertChoiseRouter"],
+    ["--model.tokenizer.class_path", "encoders.AudioTokeniser"],
+])
+def test_unknown_component_is_a_short_clear_error(override: list[str], tmp_path: Path, capsys):
+    assert main(["fit", "--config", QUICKSTART, *small(tmp_path), *override]) == 2
+    err = capsys.readouterr().err
+    typo = override[1].rsplit(".", 1)[1]
+    assert f"has no attribute '{typo}'" in err and "Traceback" not in err
+    assert "usage:" not in err and len(err.splitlines()) < 30 and "mormm fit --help" in err
+
+
+def test_unknown_option_is_a_short_clear_error(tmp_path: Path, capsys):
+    assert main(["fit", "--config", QUICKSTART, "--trainer.max_epochz", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --trainer.max_epochz 3" in err and "usage:" not in err
+
+
+def test_progress_bar_can_be_disabled(tmp_path: Path):
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+    from mormm.cli import build_cli
+
+    default = build_cli(["--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(default.trainer.progress_bar_callback, RichProgressBar)
+    # small() passes --trainer.enable_progress_bar false: the default bar must step aside.
+    quiet = build_cli(["--config", QUICKSTART, *small(tmp_path)], run=False)
+    assert not any(isinstance(c, ProgressBar) for c in quiet.trainer.callbacks)
+
+
+def test_debug_variable_shows_the_traceback(tmp_path: Path, monkeypatch, capsys):
+    missing = str(tmp_path / "no_such_shards")
+    args = ["fit", "--config", QUICKSTART, *small(tmp_path), "--data.dataset", missing]
+    assert main(args) == 2 and "MORMM_DEBUG=1" in capsys.readouterr().err
+    monkeypatch.setenv("MORMM_DEBUG", "1")
+    with pytest.raises((ValueError, FileNotFoundError), match="no_such_shards"):
+        main(args)
+
+
+# -- distributed: two CPU processes over gloo, through the real console entry point --------------
+
+
+def test_two_process_ddp_fit(tmp_path: Path):
+    ensure_demo("audio")
+    cmd = [sys.executable, "-m", "mormm.cli", "fit", "--config", QUICKSTART, *small(tmp_path),
+           "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert ckpt["global_step"] == 2  # 2 steps on each rank, in lockstep
+    assert all(t.isfinite().all() for t in ckpt["state_dict"].values())
+    metrics = (tmp_path / "version_0" / "metrics.csv").read_text()
+    assert "val/acc" in metrics.splitlines()[0]

@@ -1,0 +1,142 @@
+"""MoRModule checkpoints written by `mormm fit`: save -> load gives the same predictions, and
+`fit --ckpt_path` resumes the step count, the optimizer state and the token-choice router's
+loss-free balancing bias."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mormm.cli import build_cli
+from mormm.data import ensure_demo
+from mormm.lit import MoRModule
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER = "--model.backbone.init_args.router"
+
+
+@pytest.fixture(autouse=True)
+def cli_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["mormm"])
+    monkeypatch.chdir(ROOT)
+
+
+def fit_args(out: Path, *extra: str) -> list[str]:
+    """The quickstart with a token-choice router under loss-free balancing (its bias is a
+    buffer that only the after-optimizer-step update changes), a few batches, in `out`."""
+    return [
+        "fit", "--config", "configs/quickstart.yaml",
+        f"{ROUTER}.class_path", "mormm.backbone.TokenChoiceRouter",
+        f"{ROUTER}.init_args.balancing", "loss_free",
+        f"{ROUTER}.init_args.bias_rate", "0.01",
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "1", "--data.batch_size", "4", "--data.num_workers", "0",
+        "--data.shuffle_buffer", "8", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    ensure_demo("audio")
+    out = tmp_path_factory.mktemp("fit")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["mormm"])
+        mp.chdir(ROOT)
+        cli = build_cli(fit_args(out, "--trainer.max_epochs", "1"))
+    ckpt = out / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and cli.trainer.global_step == 3
+    return cli, ckpt
+
+
+def test_checkpoint_loads_with_the_cli_hyperparameters_and_predicts_the_same(trained):
+    cli, ckpt = trained
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # LightningCLI stores the config (not module objects) and how to instantiate from it.
+    assert "_instantiator" in saved["hyper_parameters"]
+    assert saved["hyper_parameters"]["backbone"]["class_path"] == "mormm.backbone.MoRBackbone"
+
+    loaded = MoRModule.load_from_checkpoint(ckpt, map_location="cpu")
+    assert type(loaded.backbone.router).__name__ == "TokenChoiceRouter"
+    assert loaded.num_classes == cli.model.num_classes == 4
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    cli.model.eval(), loaded.eval()
+    with torch.no_grad():
+        a, b = cli.model(batch), loaded(batch)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert torch.equal(a.backbone.depth, b.backbone.depth)
+    assert loaded.backbone.router.depth_bias.abs().sum() > 0  # the balancing bias came along
+    torch.testing.assert_close(loaded.backbone.router.depth_bias, cli.model.backbone.router.depth_bias)
+
+
+def test_fit_resumes_step_optimizer_and_router_bias(trained, tmp_path: Path, monkeypatch):
+    _, ckpt = trained
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    seen = {}
+
+    def on_train_start(self):  # what the resumed run starts from
+        opt = self.trainer.optimizers[0]
+        seen.update(step=self.trainer.global_step, bias=self.backbone.router.depth_bias.clone(),
+                    adam_steps={float(s["step"]) for s in opt.state.values()},
+                    lr=opt.param_groups[0]["lr"])
+
+    monkeypatch.setattr(MoRModule, "on_train_start", on_train_start, raising=False)
+    cli = build_cli(fit_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt)))
+    assert seen["step"] == 3 and seen["adam_steps"] == {3.0}
+    torch.testing.assert_close(seen["bias"], saved["state_dict"]["model.backbone.router.depth_bias"])
+    assert seen["lr"] == saved["optimizer_states"][0]["param_groups"][0]["lr"]  # schedule resumed
+    assert cli.trainer.global_step == 6 and cli.trainer.current_epoch == 2
+    opt = cli.trainer.optimizers[0]
+    assert {float(s["step"]) for s in opt.state.values()} == {6.0}
+
+
+def test_logged_metrics_include_training_accuracy_and_router_separation(trained):
+    cli, _ = trained
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["train/acc"]) <= 1.0
+    assert "val/acc" in metrics and not any(k.startswith("val/acc_top") for k in metrics)  # 4 classes
+    for stage in ("train", "val"):
+        assert f"{stage}/router/load" not in metrics  # vectors are not logged as scalars
+        assert f"{stage}/depth/mean" in metrics and f"{stage}/flops_fraction" in metrics
+
+
+def test_expert_choice_statistics_measure_what_they_say():
+    """agreement: share of competing tokens where "logit > 0" matches the selection; separation:
+    mean selected logit minus mean logit of the competitors left out."""
+    from mormm.backbone import ExpertChoiceRouter, StepTrace
+
+    router = ExpertChoiceRouter(capacities=[1.0, 0.5])
+    router.num_steps = 2
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    s0 = StepTrace(torch.tensor([[True, True, True, True]]), logits, None)
+    s1 = StepTrace(torch.tensor([[True, False, True, False]]), logits, None)
+    stats = router.statistics([s0, s1], None)
+    assert float(stats["agreement/step0"]) == 0.5  # 2.0 and 0.5 positive, all 4 selected
+    assert float(stats["agreement/step1"]) == 1.0
+    assert float(stats["separation/step1"]) == (2.0 + 0.5) / 2 - (-1.0 - 3.0) / 2
+    assert "separation/step0" not in stats  # capacity 1: nothing left out
+
+
+def test_weight_decay_goes_to_linear_and_conv_weights_only(trained):
+    cli, _ = trained
+    model = cli.model
+    opt = model.configure_optimizers()["optimizer"]
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay and no_decay and not decay & no_decay
+    assert len(decay) + len(no_decay) == len(names)
+    for i in decay:
+        assert names[i].endswith(".weight") and "norm" not in names[i], names[i]
+    for n, p in model.named_parameters():
+        if n.endswith(".bias") or "norm" in n:
+            assert id(p) in no_decay, n
+
+
+def test_compile_keeps_the_eager_parameter_names(trained):
+    cli, _ = trained
+    m = MoRModule(cli.model.model.tokenizer, cli.model.backbone, num_classes=4, compile=True)
+    before = list(m.state_dict())
+    m.configure_model()  # compiles lazily (nothing is traced until the first call)
+    assert list(m.state_dict()) == before  # so checkpoints load into eager models, analysis, uptrain
