@@ -1,0 +1,1 @@
+"""Depth-allocation analysis: where a trained model spends its recursions (`mormm analyze`)."""
