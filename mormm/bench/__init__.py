@@ -1,0 +1,1 @@
+"""Benchmarks: vanilla vs recursive vs Mixture-of-Recursions backbones (see harness.py)."""

@@ -1,0 +1,545 @@
+"""Benchmark harness: vanilla vs plain recursive vs Mixture-of-Recursions backbones.
+
+Every variant has the same width and effective depth (DESIGN.md section 3: dim 384, 6 heads,
+L = 12; the recursive ones are 3 shared layers x N_r = 4, "cycle" sharing). Inputs are `Tokens`
+built directly with random embeddings of the realistic token counts (the tokenizer's cost is
+separate), so the harness needs only torch, timm and the backbone.
+
+For each shape x variant x mode (eager, compiled, cudagraphs) it reports inference time and
+throughput (clips/s), training step time (forward + backward + AdamW), peak memory of each, and the
+FLOPs of a real forward (torch.utils.flop_counter). Against the vanilla row of the same shape and
+mode: realised speedup, FLOP-ratio bound (vanilla FLOPs / variant FLOPs) and their ratio.
+
+    python -m mormm.bench.harness --out benchmarks/results          # GPU, all shapes
+    python -m mormm.bench.harness --small --device cpu --out /tmp/b # CPU smoke test (seconds)
+
+Writes <out>/<device-name>.json and .md; `merge STEM a.json b.json` combines calls of one device.
+No speed is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from encoders.tokens import Tokens
+from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone.recursion import _gather
+
+SCHEMA = "mormm.bench/1"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A batch of token streams on a row-major grid; the first grid axis is the segment axis
+    (video: tubelet time slices, audio: time steps, images: rows)."""
+
+    name: str
+    batch: int
+    grid: tuple[int, ...]
+    note: str = ""
+
+    @property
+    def tokens(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+SHAPES = {
+    "video": Shape("video", 32, (8, 14, 14), "16 x 224^2 frames, 2x16x16 tubelets"),
+    "audio10s": Shape("audio10s", 64, (101, 12), "10 s AST-like, 128 mel bins"),
+    "audio1s": Shape("audio1s", 256, (9, 12), "1 s AST-like"),
+    "image": Shape("image", 128, (14, 14), "224^2, 16x16 patches"),
+}
+SMALL_SHAPES = {
+    "video": Shape("video", 2, (4, 4, 4), "tiny"),
+    "audio10s": Shape("audio10s", 2, (12, 4), "tiny"),
+    "audio1s": Shape("audio1s", 2, (3, 4), "tiny"),
+    "image": Shape("image", 2, (4, 4), "tiny"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    sharing: str = "cycle"
+    router: str | None = None  # "ec" expert-choice, "tc" token-choice
+    kv_mode: str = "recursion"
+    unit: str = "token"
+    naive: bool = False  # the DESIGN.md section 3 prototype's step (mask at full capacity, re-rank)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("vanilla", sharing="none"),
+        Variant("recursive"),
+        Variant("mor_ec", router="ec"),
+        Variant("mor_ec_naive", router="ec", naive=True),
+        Variant("mor_ec_kvshare", router="ec", kv_mode="shared"),
+        Variant("mor_ec_segment", router="ec", unit="segment"),
+        Variant("mor_tc", router="tc"),
+        Variant("mor_tc_segment", router="tc", unit="segment"),
+    )
+}
+CAPACITIES = [1.0, 0.75, 0.5, 0.25]
+
+
+def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions: int) -> nn.Module:
+    config = BackboneConfig(
+        dim=dim,
+        num_heads=heads,
+        num_layers=layers,
+        num_recursions=recursions,
+        sharing=variant.sharing,
+        kv_mode=variant.kv_mode,
+    )
+    router = None
+    if variant.router == "ec":
+        router = ExpertChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
+    elif variant.router == "tc":
+        router = TokenChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
+    backbone = MoRBackbone(config, router)
+    if variant.naive:
+        backbone._step = types.MethodType(_naive_step, backbone)
+    return _Bench(backbone)
+
+
+def _naive_step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None):
+    """The gather/scatter step as first written (DESIGN.md section 3's prototype), kept for
+    comparison: masked attention at full capacity and a second top-k to find the indices."""
+    B, N, _ = x.shape
+    if K >= N:
+        h = x
+        for j, i in enumerate(chunk):
+            h, _ = self._layer(i, h, rope, selected, valid, r, j, shared_kv)
+        update = self._update(h, x, gate)
+        return x + torch.where(selected[..., None], update, 0)
+    index = selected.to(x.dtype).topk(K, dim=-1).indices.sort(dim=-1).values
+    slot_valid = None if exact else selected.gather(1, index)
+    h_in = _gather(x, index)
+    rope_k = None if rope is None else (_gather(rope[0], index), _gather(rope[1], index))
+    h = h_in
+    for j, i in enumerate(chunk):
+        h, _ = self._layer(i, h, rope_k, slot_valid, valid, r, j, shared_kv)
+    update = self._update(h, h_in, gate.gather(1, index))
+    if slot_valid is not None:
+        update = torch.where(slot_valid[..., None], update, 0)
+    return x.scatter_add(1, index[..., None].expand_as(update), update)
+
+
+class _Bench(nn.Module):
+    """Plain-tensor entry point (compiles without a dataclass crossing the graph boundary)."""
+
+    def __init__(self, backbone: MoRBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, emb: Tensor, pos: Tensor, seg: Tensor, num_segments: int, seg_len: int):
+        tokens = Tokens(emb, pos, seg, torch.zeros_like(seg), None, num_segments, seg_len)
+        out = self.backbone(tokens)
+        return out.hidden, out.aux_loss
+
+
+def make_inputs(shape: Shape, dim: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, N = shape.batch, shape.tokens
+    emb = torch.randn(B, N, dim, generator=g).to(device)
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape.grid]
+    pos = torch.cartesian_prod(*axes).reshape(N, len(shape.grid))
+    seg = pos[:, 0].long()
+    num_segments, seg_len = shape.grid[0], N // shape.grid[0]
+    return (
+        emb,
+        pos.expand(B, N, -1).contiguous().to(device),
+        seg.expand(B, N).contiguous().to(device),
+        num_segments,
+        seg_len,
+    )
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, warmup: int, reps: int, inner: int) -> float:
+    """Median seconds per call over `reps` timings of `inner` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def _peak(fn, device: torch.device) -> float | None:
+    """Peak allocated GiB while running fn once (CUDA only)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _autocast(device: torch.device, cache: bool = True):
+    if device.type == "cuda":
+        # A captured CUDA graph must not rely on autocast's weight-cast cache (torch.cuda.graph).
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
+    return torch.autocast("cpu", enabled=False)
+
+
+def count_flops(model: nn.Module, inputs, device) -> int:
+    model.eval()
+    with torch.no_grad(), _autocast(device), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+def _graph(fn, device: torch.device):
+    """Capture fn (static shapes, no host syncs) in a CUDA graph; returns its replay."""
+    if device.type != "cuda":
+        raise RuntimeError("mode 'graphed' needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _compiled(model: nn.Module, mode: str):
+    if mode in ("eager", "graphed"):
+        return model
+    if mode == "compiled":
+        return torch.compile(model)
+    if mode == "cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
+    raise ValueError(f"mode={mode!r} is unknown; choose eager, graphed, compiled or cudagraphs")
+
+
+def measure(shape: Shape, variant: Variant, mode: str, args, device) -> dict:
+    torch.manual_seed(0)
+    model = build_model(variant, args.dim, args.heads, args.layers, args.recursions).to(device)
+    inputs = make_inputs(shape, args.dim, device)
+    row = {
+        "shape": shape.name,
+        "variant": variant.name,
+        "mode": mode,
+        "batch": shape.batch,
+        "tokens": shape.tokens,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    row["flops"] = count_flops(model, inputs, device)
+    fn_model = _compiled(model, mode)
+    t0 = time.perf_counter()
+
+    model.eval()
+
+    def infer():
+        with torch.no_grad(), _autocast(device, cache=mode != "graphed"):
+            return fn_model(*inputs)
+
+    if mode == "graphed":  # eager kernels, launched as one CUDA graph (inference only)
+        infer = _graph(infer, device)
+    infer()
+    _sync(device)
+    row["compile_s"] = time.perf_counter() - t0 if mode != "eager" else 0.0
+    t = _time(infer, device, args.warmup, args.reps, args.inner)
+    row["infer_s"] = t
+    row["clips_per_s"] = shape.batch / t
+    row["infer_peak_gib"] = _peak(infer, device)
+
+    if args.train and (mode == "eager" or (mode != "graphed" and args.compiled_train)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def step():
+            with _autocast(device):
+                hidden, aux = fn_model(*inputs)
+                loss = hidden.float().square().mean() + aux
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # compile + optimizer state, outside the peak measurement
+        t = _time(step, device, args.warmup, args.reps, max(1, args.inner // 2))
+        row["train_s"] = t
+        row["train_peak_gib"] = _peak(step, device)
+    return row
+
+
+# ---- reporting ------------------------------------------------------------------------------
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    base = {(r["shape"], r["mode"]): r for r in rows if r["variant"] == "vanilla"}
+    for r in rows:
+        v = base.get((r["shape"], r["mode"]))
+        if v is None:
+            continue
+        r["speedup"] = v["infer_s"] / r["infer_s"]
+        r["flop_bound"] = v["flops"] / r["flops"]
+        r["bound_fraction"] = r["speedup"] / r["flop_bound"]
+        if "train_s" in r and "train_s" in v:
+            r["train_time_ratio"] = r["train_s"] / v["train_s"]
+            if r.get("train_peak_gib") and v.get("train_peak_gib"):
+                r["train_mem_ratio"] = r["train_peak_gib"] / v["train_peak_gib"]
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    lines = [
+        f"# mormm bench: {env['device_name']}",
+        "",
+        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; "
+        f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
+        f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
+        f"{result['model']['capacities']}; {'bf16 autocast' if env['device'] == 'cuda' else 'fp32'}.",
+        "",
+        "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
+        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; train and mem "
+        "= training step time and peak memory over vanilla's.",
+        "",
+    ]
+    for shape in result["shapes"]:
+        rows = [r for r in result["rows"] if r["shape"] == shape["name"]]
+        if not rows:
+            continue
+        lines += [
+            f"## {shape['name']}: batch {shape['batch']} x {shape['tokens']} tokens ({shape['note']})",
+            "",
+            "| variant | mode | infer ms | clips/s | speedup | bound | frac | GFLOP | train ms | train | peak GiB | mem |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['variant']} | {r['mode']} | {r['infer_s'] * 1e3:.2f} | {r['clips_per_s']:.0f} "
+                f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('flop_bound'), '.2f')} "
+                f"| {_fmt(r.get('bound_fraction'), '.2f')} | {r['flops'] / 1e9:.1f} "
+                f"| {_fmt(r.get('train_s') and r['train_s'] * 1e3, '.2f')} "
+                f"| {_fmt(r.get('train_time_ratio'), '.2f')} "
+                f"| {_fmt(r.get('train_peak_gib'), '.2f')} | {_fmt(r.get('train_mem_ratio'), '.2f')} |"
+            )
+        lines.append("")
+    if result.get("errors"):
+        lines += ["## errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+    }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "device"
+
+
+# ---- entry points ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mormm bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager,graphed (CUDA graph of the eager forward),compiled,cudagraphs "
+                        "(torch.compile mode reduce-overhead)")
+    p.add_argument("--compiled-variants", default=None,
+                   help="restrict non-eager modes to these variants (compile time is the cost)")
+    p.add_argument("--small", action="store_true", help="tiny shapes and width (CPU smoke test)")
+    p.add_argument("--no-train", dest="train", action="store_false")
+    p.add_argument("--compiled-train", action="store_true",
+                   help="also time training steps in non-eager modes (one more compile each)")
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--recursions", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--inner", type=int, default=None)
+    p.add_argument("--warm-jobs", type=int, default=0,
+                   help="compile every non-eager row first in this many parallel processes, so the "
+                        "timed pass hits the inductor cache")
+    p.add_argument("--budget-s", type=float, default=None, help="skip remaining rows after this")
+    p.add_argument("--out", default=None, help="folder for <device>.json and .md")
+    p.add_argument("--name", default=None, help="file stem (default: device name)")
+    p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.dim is None:
+        args.dim = 32 if args.small else 384
+    if args.heads is None:
+        args.heads = 2 if args.small else 6
+    if args.warmup is None:
+        args.warmup = 1 if args.small else 5
+    if args.reps is None:
+        args.reps = 1 if args.small else 7
+    if args.inner is None:
+        args.inner = 1 if args.small else 4
+    return args
+
+
+def _plan(args) -> list[tuple[Shape, Variant, str]]:
+    table = SMALL_SHAPES if args.small else SHAPES
+    shapes = [table[s] for s in args.shapes.split(",") if s]
+    variants = [VARIANTS[v] for v in args.variants.split(",") if v]
+    modes = [m for m in args.modes.split(",") if m]
+    restrict = None if args.compiled_variants is None else set(args.compiled_variants.split(","))
+    plan = []  # eager rows first: they are cheap, compiled ones pay a compile each
+    for m in modes:
+        for s in shapes:
+            for v in variants:
+                if m != "eager" and restrict is not None and v.name not in restrict:
+                    continue
+                plan.append((s, v, m))
+    return plan
+
+
+def _warm(argv: list[str], plan, jobs: int) -> None:
+    """Compile every non-eager row in parallel subprocesses (fills the inductor cache)."""
+    todo = [(s, v, m) for s, v, m in plan if m != "eager"]
+
+    def one(item):
+        s, v, m = item
+        cmd = [sys.executable, "-m", "mormm.bench.harness", *argv, "--warm-only",
+               "--shapes", s.name, "--variants", v.name, "--modes", m, "--warm-jobs", "0"]
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    plan = _plan(args)
+    table = SMALL_SHAPES if args.small else SHAPES
+    if args.warm_only:
+        for s, v, m in plan:
+            a = argparse.Namespace(**{**vars(args), "warmup": 0, "reps": 1, "inner": 1})
+            measure(s, v, m, a, device)
+        return {}
+    result = {
+        "schema": SCHEMA,
+        "env": environment(device),
+        "model": {
+            "dim": args.dim,
+            "heads": args.heads,
+            "layers": args.layers,
+            "recursions": args.recursions,
+            "capacities": CAPACITIES[: args.recursions],
+        },
+        "shapes": [asdict(s) | {"tokens": s.tokens} for s in table.values()
+                   if s.name in args.shapes.split(",")],
+        "variants": [asdict(v) for v in VARIANTS.values() if v.name in args.variants.split(",")],
+        "rows": [],
+        "errors": [],
+    }
+    start = time.perf_counter()
+    for s, v, m in plan:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            result["errors"].append(f"{s.name}/{v.name}/{m}: skipped (time budget)")
+            continue
+        try:
+            row = measure(s, v, m, args, device)
+        except Exception as e:  # a failing row is reported, the others still run
+            result["errors"].append(f"{s.name}/{v.name}/{m}: {type(e).__name__}: {e}"[:500])
+            print("ERROR", result["errors"][-1], file=sys.stderr, flush=True)
+            continue
+        result["rows"].append(row)
+        print(json.dumps({k: (round(x, 5) if isinstance(x, float) else x) for k, x in row.items()}),
+              flush=True)
+        torch._dynamo.reset()
+    _add_ratios(result["rows"])
+    return result
+
+
+def merge(paths: list[str]) -> dict:
+    """Combine result files of one device (e.g. an eager call and a compiled call) into one."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    out = dict(results[0])
+    out["rows"] = [r for res in results for r in res["rows"]]
+    out["errors"] = [e for res in results for e in res["errors"]]
+    names = {s["name"]: s for res in results for s in res["shapes"]}
+    out["shapes"] = list(names.values())
+    _add_ratios(out["rows"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:  # mormm bench merge OUT_STEM a.json b.json ...
+        result = merge(argv[2:])
+        Path(argv[1] + ".json").write_text(json.dumps(result, indent=1))
+        Path(argv[1] + ".md").write_text(markdown(result))
+        return 0
+    args = parse_args(argv)
+    if args.warm_jobs > 0 and not args.warm_only:
+        t0 = time.perf_counter()
+        _warm([a for a in argv], _plan(args), args.warm_jobs)
+        print(f"warm-up compile: {time.perf_counter() - t0:.0f} s", flush=True)
+    result = run(args)
+    if args.warm_only:
+        return 0
+    md = markdown(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = args.name or _slug(result["env"]["device_name"])
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
