@@ -20,7 +20,7 @@ def test_harness_writes_json_and_markdown(tmp_path):
     assert len(result["rows"]) == 2 * 3
     for row in result["rows"]:
         for key in ("shape", "variant", "mode", "batch", "tokens", "flops", "infer_s",
-                    "clips_per_s", "train_s", "speedup", "flop_bound", "bound_fraction",
+                    "clips_per_s", "train_s", "speedup", "flop_bound", "bound_fraction", "kernels",
                     "train_time_ratio"):
             assert key in row, key
         assert row["flops"] > 0 and row["infer_s"] > 0

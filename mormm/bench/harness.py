@@ -26,18 +26,17 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from encoders.tokens import Tokens
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
-from mormm.backbone.recursion import _gather
 
 SCHEMA = "mormm.bench/1"
 
@@ -81,7 +80,6 @@ class Variant:
     router: str | None = None  # "ec" expert-choice, "tc" token-choice
     kv_mode: str = "recursion"
     unit: str = "token"
-    naive: bool = False  # the DESIGN.md section 3 prototype's step (mask at full capacity, re-rank)
 
 
 VARIANTS = {
@@ -90,7 +88,6 @@ VARIANTS = {
         Variant("vanilla", sharing="none"),
         Variant("recursive"),
         Variant("mor_ec", router="ec"),
-        Variant("mor_ec_naive", router="ec", naive=True),
         Variant("mor_ec_kvshare", router="ec", kv_mode="shared"),
         Variant("mor_ec_segment", router="ec", unit="segment"),
         Variant("mor_tc", router="tc"),
@@ -115,32 +112,7 @@ def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions:
     elif variant.router == "tc":
         router = TokenChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
     backbone = MoRBackbone(config, router)
-    if variant.naive:
-        backbone._step = types.MethodType(_naive_step, backbone)
     return _Bench(backbone)
-
-
-def _naive_step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None):
-    """The gather/scatter step as first written (DESIGN.md section 3's prototype), kept for
-    comparison: masked attention at full capacity and a second top-k to find the indices."""
-    B, N, _ = x.shape
-    if K >= N:
-        h = x
-        for j, i in enumerate(chunk):
-            h, _ = self._layer(i, h, rope, selected, valid, r, j, shared_kv)
-        update = self._update(h, x, gate)
-        return x + torch.where(selected[..., None], update, 0)
-    index = selected.to(x.dtype).topk(K, dim=-1).indices.sort(dim=-1).values
-    slot_valid = None if exact else selected.gather(1, index)
-    h_in = _gather(x, index)
-    rope_k = None if rope is None else (_gather(rope[0], index), _gather(rope[1], index))
-    h = h_in
-    for j, i in enumerate(chunk):
-        h, _ = self._layer(i, h, rope_k, slot_valid, valid, r, j, shared_kv)
-    update = self._update(h, h_in, gate.gather(1, index))
-    if slot_valid is not None:
-        update = torch.where(slot_valid[..., None], update, 0)
-    return x.scatter_add(1, index[..., None].expand_as(update), update)
 
 
 class _Bench(nn.Module):
@@ -223,11 +195,28 @@ def _autocast(device: torch.device, cache: bool = True):
     return torch.autocast("cpu", enabled=False)
 
 
-def count_flops(model: nn.Module, inputs, device) -> int:
+class _KernelCounter(TorchDispatchMode):
+    """Counts the aten ops of a forward that launch work (views and metadata ops excluded): in
+    eager mode each is a kernel launch paid on the host, the cost that dominates short shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
+            self.ops += 1
+        return out
+
+
+def count_flops(model: nn.Module, inputs, device) -> tuple[int, int]:
+    """FLOPs (torch.utils.flop_counter) and launching ops of one inference forward."""
     model.eval()
     with torch.no_grad(), _autocast(device), FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    return int(counter.get_total_flops())
+        with _KernelCounter() as kernels:
+            model(*inputs)
+    return int(counter.get_total_flops()), kernels.ops
 
 
 def _graph(fn, device: torch.device):
@@ -268,7 +257,7 @@ def measure(shape: Shape, variant: Variant, mode: str, args, device) -> dict:
         "tokens": shape.tokens,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    row["flops"] = count_flops(model, inputs, device)
+    row["flops"], row["kernels"] = count_flops(model, inputs, device)
     fn_model = _compiled(model, mode)
     t0 = time.perf_counter()
 
@@ -340,8 +329,9 @@ def markdown(result: dict) -> str:
         f"{result['model']['capacities']}; {'bf16 autocast' if env['device'] == 'cuda' else 'fp32'}.",
         "",
         "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
-        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; train and mem "
-        "= training step time and peak memory over vanilla's.",
+        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; kernels = aten "
+        "ops that launch work in one eager forward (host cost per forward); train and mem = "
+        "training step time and peak memory over vanilla's.",
         "",
     ]
     for shape in result["shapes"]:
@@ -351,14 +341,15 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {shape['name']}: batch {shape['batch']} x {shape['tokens']} tokens ({shape['note']})",
             "",
-            "| variant | mode | infer ms | clips/s | speedup | bound | frac | GFLOP | train ms | train | peak GiB | mem |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | mode | infer ms | clips/s | speedup | bound | frac | GFLOP | kernels | train ms | train | peak GiB | mem |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['variant']} | {r['mode']} | {r['infer_s'] * 1e3:.2f} | {r['clips_per_s']:.0f} "
                 f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('flop_bound'), '.2f')} "
                 f"| {_fmt(r.get('bound_fraction'), '.2f')} | {r['flops'] / 1e9:.1f} "
+                f"| {_fmt(r.get('kernels'), 'd')} "
                 f"| {_fmt(r.get('train_s') and r['train_s'] * 1e3, '.2f')} "
                 f"| {_fmt(r.get('train_time_ratio'), '.2f')} "
                 f"| {_fmt(r.get('train_peak_gib'), '.2f')} | {_fmt(r.get('train_mem_ratio'), '.2f')} |"
