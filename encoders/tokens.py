@@ -89,6 +89,18 @@ class Tokens:
         """(B, N) bool, True for real tokens; None when nothing is padded."""
         return None if self.padding_mask is None else ~self.padding_mask
 
+    def content(self) -> Tensor:
+        """(B, N) bool: tokens that stand for a part of the input. Padding is left out, and so
+        are summary tokens such as a pooling's class token, whose time region is empty. Depth
+        counts in predictions and analysis use this, so both count the same tokens."""
+        B, N, _ = self.embeddings.shape
+        valid = self.valid
+        if valid is None:
+            valid = torch.ones(B, N, dtype=torch.bool, device=self.embeddings.device)
+        if self.regions is None:
+            return valid
+        return valid & (self.regions[..., 0, 1] > self.regions[..., 0, 0])
+
     def lengths(self) -> Tensor:
         """(B,) number of valid tokens per sample."""
         B, N, _ = self.embeddings.shape

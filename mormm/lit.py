@@ -200,7 +200,7 @@ class MoRModule(L.LightningModule):
         logits = self._clip_logits(out.logits, batch)
         probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
         return {"key": batch.get("key"), "meta": batch.get("meta"), "probs": probs,
-                "depth": out.backbone.depth, "valid": out.backbone.valid,
+                "depth": out.backbone.depth, "content": out.tokens.content(),
                 "clip_index": batch.get("clip_index")}
 
     # -- optimisation -------------------------------------------------------------------------

@@ -69,6 +69,37 @@ def test_class_names_and_count_come_from_the_index(shards: Path):
         ShardDataModule(str(shards / "nowhere"))
 
 
+def test_missing_shard_files_are_named_at_construction(tmp_path: Path):
+    shards = make_audio_dataset(tmp_path)
+    gone = shards / DatasetIndex.load(shards).splits["train"].shards[1].path
+    gone.unlink()
+    with pytest.raises(ValueError) as info:
+        ShardDataModule(str(shards), num_workers=0)
+    message = str(info.value)
+    assert str(gone) in message and str(shards / "index.json") in message
+    assert "mormm shards" in message and "data.dataset" in message
+
+
+def test_a_val_shard_that_is_not_a_tar_is_a_clear_error(tmp_path: Path):
+    shards = make_audio_dataset(tmp_path)
+    bad = shards / DatasetIndex.load(shards).splits["val"].shards[0].path
+    bad.write_bytes(b"this is not a tar file" * 100)
+    dm = ShardDataModule(str(shards), batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=rf"shard {bad} is corrupt or not a tar file.*rewrite it with `mormm shards`"):
+        dm.val_dataloader()
+
+
+@pytest.mark.parametrize("train_mode", ["resampled", "epoch"])
+def test_training_on_shards_that_are_all_unreadable_stops_with_an_error(tmp_path: Path, train_mode: str):
+    shards = make_audio_dataset(tmp_path)
+    for shard in DatasetIndex.load(shards).splits["train"].shards:
+        (shards / shard.path).write_bytes(b"this is not a tar file" * 100)
+    dm = ShardDataModule(str(shards), batch_size=2, num_workers=0, train_mode=train_mode)
+    with pytest.raises(ValueError, match="no readable sample in 30 training shard draws in a row"):
+        next(iter(dm.train_dataloader()))  # instead of drawing forever
+    assert dm.skipped["train"] == 30
+
+
 @pytest.mark.parametrize("train_mode", ["resampled", "epoch"])
 def test_every_rank_gets_the_same_number_of_full_train_batches(shards: Path, train_mode: str):
     # 12 train samples in shards of 4, 4, 4: ranks see uneven data, yet must step in lockstep.

@@ -105,6 +105,34 @@ def test_video_formats_decode_the_requested_frames(tmp_path: Path, ext: str):
     assert levels.round().tolist() == [0, 3, 11, 11, 5, 11]  # past the end -> the last frame
 
 
+def mp3_with_cover_art(path: Path, wave: np.ndarray, rate: int) -> bytes:
+    """(S,) float mono -> mp3 with an attached picture (cover art: a one-frame MJPEG video stream)."""
+    with av.open(str(path), "w", format="mp3") as container:
+        audio = container.add_stream("libmp3lame", rate=rate, layout="mono")
+        cover = container.add_stream("mjpeg")
+        cover.width, cover.height, cover.pix_fmt = 16, 16, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 128, np.uint8), format="rgb24")
+        container.mux(cover.encode(picture.reformat(format="yuvj420p")))
+        container.mux(cover.encode())
+        frame = av.AudioFrame.from_ndarray(wave[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path.read_bytes()
+
+
+def test_cover_art_in_an_audio_file_is_not_a_video(tmp_path: Path):
+    data = mp3_with_cover_art(tmp_path / "song.mp3", sine(440, 0.5, 16_000)[:, 0], 16_000)
+    with av.open(str(tmp_path / "song.mp3")) as container:
+        assert len(container.streams.video) == 1  # the picture is there
+    info = probe_bytes(data, "mp3")
+    assert info.has_audio and not info.has_video
+    assert info.sample_rate == 16_000 and info.duration == pytest.approx(0.5, abs=0.06)
+    wave = decode_audio(data, "mp3", 16_000)
+    assert dominant_freq(wave, 16_000) == pytest.approx(440, abs=5)
+
+
 def test_frame_indices_place_clips_by_position_and_clamp_short_videos():
     assert frame_indices(16, 4, 2, 0.0) == [0, 2, 4, 6]
     assert frame_indices(16, 4, 2, 1.0) == [9, 11, 13, 15]

@@ -1,5 +1,6 @@
 """ShardDataModule.predict_dataloader: a dataset split, or the user's own media files."""
 
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,3 +135,64 @@ def test_training_decoder_still_requires_a_label(shards: Path, tmp_path: Path):
     sample = {"__key__": "k", "json": b'{"source": "x"}', "wav": write_wav(tmp_path / "x.wav").read_bytes()}
     with pytest.raises(DecodeError, match=r"no label"):
         dm._decoder(train=False)(sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# PredictionWriter under trainer.predict, with a small real model.
+
+
+def tiny_module(num_classes: int):
+    from encoders import AudioTokenizer
+    from mormm.backbone import BackboneConfig, MoRBackbone, TokenChoiceRouter
+    from mormm.heads import ClassTokenPooling
+    from mormm.lit import MoRModule
+
+    torch.manual_seed(0)
+    tokenizer = AudioTokenizer(dim=16, n_mels=16, layout="frames", frames_per_token=2, freq_mask=0, time_mask=0)
+    backbone = MoRBackbone(BackboneConfig(dim=16, num_heads=2, num_layers=4, num_recursions=2, rope_axes=2),
+                           TokenChoiceRouter())
+    return MoRModule(tokenizer, backbone, num_classes=num_classes, pooling=ClassTokenPooling(16))
+
+
+def predict(dm: ShardDataModule, module, output: Path):
+    import lightning as L
+
+    from mormm.predict import PredictionWriter
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[PredictionWriter(str(output))])
+    return trainer, trainer.predict(module, datamodule=dm)
+
+
+def test_predicted_depths_are_the_analysis_content_tokens_and_stay_out_of_memory(
+    shards: Path, media_folder: Path, tmp_path: Path
+):
+    from mormm.analysis.collect import collect
+
+    dm = ShardDataModule(str(shards), batch_size=2, num_workers=0, predict_from=str(media_folder))
+    module = tiny_module(dm.num_classes)
+    trainer, returned = predict(dm, module, tmp_path / "p.jsonl")
+    assert returned is None and trainer.predict_loop.predictions == []  # written, not kept
+    rows = {r["key"]: r for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    assert rows.keys() == GOOD.keys()
+
+    module.eval()
+    with torch.no_grad():
+        for batch in dm.predict_dataloader():
+            out = module(batch)
+            assert out.backbone.depth.shape[1] == module.model.tokenize(batch).embeddings.shape[1] + 1  # class token
+            clips, _ = collect(batch, out, module.model.tokenizer, dm.decode_config, {0: "audio"})
+            for clip in clips:
+                assert rows[clip.key]["depth"] == clip.depth.tolist()
+                assert rows[clip.key]["mean_depth"] == pytest.approx(float(clip.depth.mean()), abs=1e-4)
+
+
+def test_every_input_skipped_is_an_error_that_says_why(shards: Path, tmp_path: Path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        (folder / name).write_bytes(b"RIFF\x00\x00garbage" * 10)
+    dm = ShardDataModule(str(shards), batch_size=2, num_workers=0, predict_from=str(folder))
+    with pytest.raises(ValueError, match=r"no predictions written: all 2 inputs were skipped .*first reason: .*a\.wav"):
+        predict(dm, tiny_module(dm.num_classes), tmp_path / "p.jsonl")
+    assert not (tmp_path / "p.jsonl").exists()

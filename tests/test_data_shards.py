@@ -177,6 +177,46 @@ def test_cli_user_errors_exit_non_zero_with_a_clear_message(tmp_path: Path, caps
     assert message in capsys.readouterr().err.replace("\n", " ")
 
 
+def test_a_class_whose_files_are_all_broken_is_left_out_and_reported(tmp_path: Path, caplog):
+    for i in range(2):
+        write_wav(tmp_path / "in" / "cat" / f"{i}.wav", seed=i)
+        write_wav(tmp_path / "in" / "dog" / f"{i}.wav", seed=10 + i)
+        (tmp_path / "in" / "bird" / f"{i}.wav").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "bird" / f"{i}.wav").write_bytes(b"RIFF\x00\x00garbage" * 10)
+    result = write_shards(tmp_path / "in", tmp_path / "out")
+    assert result.index.classes == ["cat", "dog"] and result.lost_classes == ["bird"]
+    assert sorted(int(s["cls"]) for s in read_shards(result.output).values()) == [0, 0, 1, 1]
+    assert json.loads((result.output / "report.json").read_text())["lost_classes"] == ["bird"]
+    assert any("bird" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+
+
+def test_split_fractions_and_a_manifest_split_column_conflict(tmp_path: Path):
+    for i in range(4):
+        write_wav(tmp_path / f"{i}.wav", seed=i)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n0.wav,a,train\n1.wav,a,val\n2.wav,b,train\n3.wav,b,val\n")
+    with pytest.raises(ValueError, match=r"'split' column \(train, val\) and --split 0.5,0.5 was given"):
+        write_shards(manifest, tmp_path / "out", split=[0.5, 0.5])
+    assert main([str(manifest), str(tmp_path / "out"), "--split", "0.5,0.5"]) == 2
+    index = write_shards(manifest, tmp_path / "out").index  # without --split the column decides
+    assert {k: v.num_samples for k, v in index.splits.items()} == {"train": 2, "val": 2}
+
+
+def test_overwrite_deletes_only_the_files_a_run_writes(class_folder: Path, tmp_path: Path):
+    out = tmp_path / "shards"
+    write_shards(class_folder, out, split=[0.5, 0.5], max_samples=2)
+    old = {p.name for p in out.iterdir()}
+    assert {"index.json", "report.json", "train-000000.tar", "val-000000.tar"} <= old
+    keep = [out / "mine.tar", out / "notes.txt", out / "train-extra.tar"]
+    for p in keep:
+        p.write_text("user file")
+    write_shards(class_folder, out, max_samples=100, overwrite=True)  # one train shard now
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["index.json", "report.json", "train-000000.tar", *(p.name for p in keep)]
+    )
+    assert all(p.read_text() == "user file" for p in keep)
+
+
 def test_all_files_unreadable_is_an_error(tmp_path: Path):
     (tmp_path / "in" / "a").mkdir(parents=True)
     (tmp_path / "in" / "a" / "x.wav").write_bytes(b"nope")

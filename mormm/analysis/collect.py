@@ -122,10 +122,9 @@ def collect(
     probs = clip_logits.sigmoid() if multi_label else clip_logits.softmax(-1)
 
     depth = backbone.depth.cpu().numpy()
-    valid = (tokens.valid if tokens.valid is not None else torch.ones_like(backbone.depth, dtype=torch.bool)).cpu()
     regions = tokens.regions.float().cpu().numpy()  # (B, N, A, 2)
     # Summary tokens (a class token) have no extent in time: they are not part of any map.
-    content = (valid & (tokens.regions[..., 0, 1] > tokens.regions[..., 0, 0]).cpu()).numpy()
+    content = tokens.content().cpu().numpy()
     modality = tokens.modality_ids.cpu().numpy()
     segment = tokens.segment_ids.cpu().numpy()
 

@@ -1,10 +1,14 @@
 """LightningDataModule over mormm shards (or a built-in demo).
 
-Training streams shards (webdataset): shard and sample shuffling, split over ranks and workers,
-and exactly `batches_per_epoch` batches on every rank, so uneven shards can never leave one rank
-waiting in a collective. Evaluation reads samples by position (tar offsets from the shards'
-headers): rank r takes samples r, r + world, ..., so across ranks every sample is seen exactly
-once, with no padding duplicates and no streaming order to agree on.
+Training streams shards (webdataset; see mormm.data.train_stream): shard and sample shuffling
+seeded from (seed, epoch, rank, worker), and exactly `batches_per_epoch` batches on every rank, so
+uneven shards can never leave one rank waiting in a collective. The data module's state (saved in
+checkpoints by Lightning) is the position in the training stream, so `--ckpt_path` resumes an
+epoch with exactly the batches it had left.
+
+Evaluation reads samples by position (tar offsets from the shards' headers): rank r takes samples
+r, r + world, ..., so across ranks every sample is seen exactly once, with no padding duplicates
+and no streaming order to agree on.
 
 Prediction reads either a split of the dataset (the evaluation stream) or the user's own media
 files (a folder, searched recursively, or one file), decoded exactly like evaluation samples.
@@ -17,12 +21,13 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal, Protocol
 
 import lightning as L
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -31,6 +36,7 @@ from mormm.data.demo import DEMO_KINDS, ensure_demo
 from mormm.data.index import DatasetIndex, TarSample, index_tar
 from mormm.data.probe import MEDIA_EXTS, media_ext, probe_bytes
 from mormm.data.skips import SkipCounter
+from mormm.data.train_stream import POSITION_KEY, EpochPlan, TrainLoader, TrainStream
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +45,15 @@ SPLITS = ("train", "val", "test")
 STAGES = (*SPLITS, "predict")
 
 
-def _split_by_rank(urls, rank: int, world: int):
-    """Node splitter with rank and world passed explicitly (webdataset's split_by_node reads them
-    from the environment, which is not always set in DataLoader workers)."""
-    for i, url in enumerate(urls):
-        if i % world == rank:
-            yield url
+@dataclass
+class TrainPosition:
+    """This rank's position in the training stream: the epoch, the batches of it consumed so
+    far, and per role (worker sub-stream) the raw samples those batches drew."""
+
+    seed: int
+    epoch: int
+    batches: int
+    drawn: list[int] = field(default_factory=list)
 
 
 class Readable(Protocol):
@@ -185,6 +194,8 @@ class ShardDataModule(L.LightningDataModule):
             size x world size).
         shuffle_buffer: samples held in the training shuffle buffer.
         cache_dir: demo cache root (default $MORMM_CACHE or ~/.cache/mormm).
+        seed: seed of the training stream (shard draws, shuffle, crops); default the global seed
+            (`seed_everything`, else torch's initial seed). A checkpoint keeps the seed it ran with.
         predict_from: what predict_dataloader reads: a split of the dataset ("train", "val" or
             "test"; None means "test"), streamed exactly once like evaluation; or the path of a
             media file or of a folder searched recursively for media files (audio: wav, flac, ogg,
@@ -213,6 +224,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         cache_dir: str | None = None,
         predict_from: str | None = None,
+        seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -222,6 +234,16 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(f"dataset={dataset!r}: demos are {', '.join(DEMO_PREFIX + k for k in DEMO_KINDS)}")
             dataset = str(ensure_demo(kind, cache_dir=cache_dir))
         self.index = DatasetIndex.load(dataset)
+        missing_shards = self.index.missing_shards()
+        if missing_shards:
+            # Checked here: a resampled training stream would otherwise keep drawing the missing
+            # shards and counting skips forever.
+            shown = ", ".join(missing_shards[:5]) + (", ..." if len(missing_shards) > 5 else "")
+            raise ValueError(
+                f"{self.index.path} lists {len(missing_shards)} shard files that do not exist: {shown}; "
+                f"rewrite the shards with `mormm shards INPUT {self.index.root} --overwrite`, or set data.dataset "
+                f"to the folder that holds them"
+            )
         modalities = list(modalities or self.index.modalities)
         if not modalities:
             raise ValueError(
@@ -250,6 +272,9 @@ class ShardDataModule(L.LightningDataModule):
         self.train_mode = train_mode
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self._position: TrainPosition | None = None  # set when a training epoch starts
+        self._resume: dict | None = None  # from load_state_dict, used by the next training epoch
         self.skip_counters = {stage: SkipCounter(stage, num_workers) for stage in STAGES}
         self._eval_samples: dict[str, list[TarSample]] = {}
         self.predict_from = predict_from or "test"
@@ -322,26 +347,94 @@ class ShardDataModule(L.LightningDataModule):
                 f"train_mode='epoch' needs at least one shard per rank ({len(urls)} shards, {world} ranks); "
                 f"use train_mode='resampled' or rewrite the shards with a smaller --max-samples"
             )
-        skips = self.skip_counters["train"]
-        dataset = (
-            wds.WebDataset(
-                urls,
-                resampled=resampled,
-                shardshuffle=False if resampled else len(urls),
-                nodesplitter=partial(_split_by_rank, rank=rank, world=world),
-                handler=skips,
-                # A worker with no shard of its own (epoch mode, few shards) yields nothing; the
-                # other workers and the repeat below still fill the epoch.
-                empty_check=False,
-            )
-            .shuffle(self.shuffle_buffer)
-            .map(self._decoder(train=True), handler=skips)
-            .batched(self.batch_size, collation_fn=self._collate, partial=False)
+        # One role (sub-stream) per worker; in epoch mode no more roles than this rank has shards,
+        # since a role without shards would run dry and change the workers' interleaving.
+        rank_shards = len(urls[rank::world])
+        roles = max(1, self.num_workers) if resampled else min(max(1, self.num_workers), rank_shards)
+        stream = TrainStream(
+            urls,
+            resampled=resampled,
+            rank=rank,
+            world=world,
+            roles=roles,
+            decode=self._decoder(train=True),
+            collate_fn=self._collate,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            skips=self.skip_counters["train"],
         )
-        # with_epoch repeats the stream as needed and cuts it at exactly `batches` batches, so every
-        # rank runs the same number of steps whatever the shard sizes; the length is then exact.
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers)
-        return loader.with_epoch(batches).with_length(batches, silent=True)
+        plan = partial(self._plan_epoch, batches=batches, roles=roles)
+        return TrainLoader(stream, batches, num_workers=roles if self.num_workers else 0, plan_epoch=plan)
+
+    # -- the training position: what a checkpoint keeps, and where the next epoch starts --------
+
+    def _plan_epoch(self, batches: int, roles: int) -> EpochPlan:
+        """Called as a training epoch starts: its seed, number and resume point."""
+        rank, world = self._rank_world()
+        resume, self._resume = self._resume, None
+        if resume:
+            seed, epoch, start, drawn = resume["seed"], resume["epoch"], resume["batches"], resume["drawn"]
+            layout = resume["layout"]
+        elif self._position is not None:
+            seed, epoch, start, drawn, layout = self._position.seed, self._position.epoch + 1, 0, None, None
+        else:
+            seed = self.seed if self.seed is not None else torch.initial_seed()
+            epoch, start, drawn, layout = 0, 0, None, None
+        if start >= batches:  # saved at the end of its epoch
+            epoch, start = epoch + 1, 0
+        # Lightning decides which epoch runs (e.g. limit_train_batches ends one early); without a
+        # trainer (or with a stand-in that has no epoch), epochs are counted here.
+        current = getattr(self.trainer, "current_epoch", None)
+        if current is not None and current != epoch:
+            epoch, start = current, 0
+        position = [0] * roles
+        if start:
+            if layout == [world, max(1, self.num_workers)] and drawn is not None:
+                position = list(drawn[rank][:roles])
+            else:
+                log.warning(
+                    "resuming epoch %d after %d batches: the checkpoint's data position was saved with %s ranks x "
+                    "%s workers, this run has %d x %d; the rest of the epoch is drawn afresh (seeded), so some "
+                    "samples may repeat",
+                    epoch, start, *(layout or ["?", "?"]), world, max(1, self.num_workers),
+                )
+                drawn = None
+        self._position = TrainPosition(seed, epoch, start, position)
+        return EpochPlan(seed, epoch, start, tuple(position) if start and drawn is not None else ())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Advances the training position by each batch handed to the training step (Lightning
+        calls this for every batch it uses, after its prefetching), and drops the position key."""
+        position = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+        if position is not None and self._position is not None and position["epoch"] == self._position.epoch:
+            self._position.batches += 1
+            self._position.drawn[position["role"]] = position["drawn"]
+        return batch
+
+    def state_dict(self) -> dict:
+        """The training position, which Lightning saves in checkpoints: seed, epoch, batches consumed
+        in it, and every rank's raw samples drawn per worker (gathered: only rank 0's dict is saved,
+        and every rank's stream is different)."""
+        if self._position is None:
+            return dict(self._resume or {})
+        p = self._position
+        _, world = self._rank_world()
+        width = max(1, self.num_workers)
+        drawn = torch.tensor(p.drawn + [0] * (width - len(p.drawn)))
+        if world > 1:  # checkpoints are written by all ranks together, so a collective is safe here
+            strategy = self.trainer.strategy
+            drawn = strategy.all_gather(drawn.to(strategy.root_device)).cpu()  # (world, width)
+        return {
+            "seed": p.seed,
+            "epoch": p.epoch,
+            "batches": p.batches,
+            "drawn": drawn.reshape(world, width).tolist(),
+            "layout": [world, width],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores the training position saved by state_dict; the next training epoch resumes there."""
+        self._resume = dict(state_dict) if state_dict else None
 
     def _split_samples(self, split: str) -> list[TarSample]:
         if split not in self._eval_samples:

@@ -24,8 +24,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from mormm.data.probe import AUDIO_EXTS, SOUNDFILE_EXTS, VIDEO_EXTS
+from mormm.data.probe import AUDIO_EXTS, SOUNDFILE_EXTS, VIDEO_EXTS, video_stream
 
 MODALITIES = ("audio", "video")
 
@@ -123,9 +124,9 @@ def decode_frames(data: bytes, indices: list[int]) -> torch.Tensor:
     got: dict[int, np.ndarray] = {}
     last = None
     with av.open(io.BytesIO(data)) as container:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             raise ValueError("no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
             last = frame.to_ndarray(format="rgb24")  # (H, W, C)
@@ -154,6 +155,10 @@ class SampleDecoder:
     """Callable for the data pipeline: raw shard sample -> DecodedSample. Raises DecodeError on bad
     data; the pipeline's handler counts and skips the sample.
 
+    Training draws its clip position and crop from the `rng` given with each sample (the training
+    stream seeds one per sample, so augmentation is reproducible and a resumed epoch needs no
+    generator state); without one, from an unseeded generator.
+
     allow_unlabelled (prediction only): a sample without "cls" gets the label UNLABELLED (-1), or
     all zeros for multi-label, instead of being an error."""
 
@@ -165,31 +170,40 @@ class SampleDecoder:
         self.multi_label = multi_label
         self.train = train
         self.allow_unlabelled = allow_unlabelled
-        size = config.frame_size
-        # Resize keeps the aspect ratio (short side -> size); the crop picks the square. Train crops
-        # at random (same place in every frame of a clip), evaluation in the centre.
-        crop = v2.RandomCrop(size) if train else v2.CenterCrop(size)
-        self.video_transform = v2.Compose(
-            [v2.Resize(size, antialias=True), crop, v2.ToDtype(torch.float32, scale=True)]
-        )
+        # Resize keeps the aspect ratio (short side -> frame_size); the crop then picks the square.
+        self.resize = v2.Resize(config.frame_size, antialias=True)
 
-    def positions(self) -> list[float]:
+    def positions(self, rng: random.Random) -> list[float]:
         if self.train:
-            return [random.random()]
+            return [rng.random()]
         views = self.config.eval_views
         return [0.5] if views == 1 else [v / (views - 1) for v in range(views)]
 
-    def __call__(self, sample: dict) -> DecodedSample:
+    def crop(self, view: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """(T, C, H, W) uint8 -> (T, C, size, size) float in [0, 1]: a random square in training (the
+        same place in every frame of the clip), the centre in evaluation."""
+        size = self.config.frame_size
+        view = self.resize(view)
+        if self.train:
+            # torchvision's RandomCrop draws from torch's global generator; the position comes
+            # from the per-sample rng instead, so a resumed epoch crops the same squares.
+            top, left = rng.randint(0, view.shape[-2] - size), rng.randint(0, view.shape[-1] - size)
+            view = TF.crop(view, top, left, size, size)
+        else:
+            view = TF.center_crop(view, [size, size])
+        return TF.to_dtype(view, torch.float32, scale=True)
+
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> DecodedSample:
         try:
-            return self._decode(sample)
+            return self._decode(sample, rng or random.Random())
         except Exception as exn:
             where = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
             raise DecodeError(f"{where}: {type(exn).__name__}: {exn}") from exn
 
-    def _decode(self, sample: dict) -> DecodedSample:
+    def _decode(self, sample: dict, rng: random.Random) -> DecodedSample:
         key = sample["__key__"]
         meta = json.loads(sample["json"])
-        positions = self.positions()
+        positions = self.positions(rng)
         audio_ext = next((e for e in sample if e in AUDIO_EXTS), None)
         video_ext = next((e for e in sample if e in VIDEO_EXTS), None)
         audio = video = None
@@ -209,7 +223,7 @@ class SampleDecoder:
             per_view = [frame_indices(total, c.num_frames, c.frame_stride, p) for p in positions]
             frames = decode_frames(sample[video_ext], [i for view in per_view for i in view])  # (V*T, C, H, W)
             views = frames.reshape(len(positions), c.num_frames, *frames.shape[1:])
-            video = torch.stack([self.video_transform(v) for v in views])  # (V, T, C, H, W)
+            video = torch.stack([self.crop(v, rng) for v in views])  # (V, T, C, H, W)
         return DecodedSample(key=key, meta=meta, label=self._label(sample.get("cls")), audio=audio, video=video)
 
     def _label(self, cls: bytes | None) -> torch.Tensor:

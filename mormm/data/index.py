@@ -45,6 +45,16 @@ class DatasetIndex:
     def total_duration_s(self) -> float:
         return sum(s.duration_s for s in self.splits.values())
 
+    @property
+    def path(self) -> Path | None:
+        """The index.json this index was loaded from (or saved to)."""
+        return None if self.root is None else self.root / INDEX_NAME
+
+    def missing_shards(self) -> list[str]:
+        """Shard files listed in the index (every split) that are not on disk."""
+        return [str(self.root / s.path) for split in self.splits.values() for s in split.shards
+                if not (self.root / s.path).is_file()]
+
     def shard_paths(self, split: str) -> list[str]:
         if split not in self.splits or self.splits[split].num_samples == 0:
             have = ", ".join(f"{k} ({v.num_samples})" for k, v in self.splits.items())
@@ -115,13 +125,19 @@ class TarSample:
 
 
 def index_tar(shard: str) -> list[TarSample]:
-    """List the samples of one shard in file order, reading only the tar headers."""
+    """List the samples of one shard in file order, reading only the tar headers. Raises
+    ValueError if the file is not a readable tar (corrupt or truncated header)."""
     samples: dict[str, dict[str, TarMember]] = {}
-    with tarfile.open(shard, "r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            # Same grouping rule as webdataset: the key is the name up to the first dot.
-            key, _, ext = info.name.partition(".")
-            samples.setdefault(key, {})[ext.lower()] = TarMember(info.offset_data, info.size)
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                # Same grouping rule as webdataset: the key is the name up to the first dot.
+                key, _, ext = info.name.partition(".")
+                samples.setdefault(key, {})[ext.lower()] = TarMember(info.offset_data, info.size)
+    except tarfile.TarError as exn:  # ReadError (bad header), HeaderError, truncated file, ...
+        raise ValueError(
+            f"shard {shard} is corrupt or not a tar file ({type(exn).__name__}: {exn}); rewrite it with `mormm shards`"
+        ) from exn
     return [TarSample(shard, key, members) for key, members in samples.items()]

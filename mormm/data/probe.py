@@ -91,7 +91,8 @@ def _probe_soundfile(data: bytes, ext: str) -> MediaInfo:
 def _probe_pyav(data: bytes, ext: str) -> MediaInfo:
     with av.open(io.BytesIO(data)) as container:
         audio = container.streams.audio[0] if container.streams.audio else None
-        video = container.streams.video[0] if container.streams.video else None
+        # An audio file is probed for its audio only: a video stream there is cover art.
+        video = video_stream(container) if ext in VIDEO_EXTS else None
         if ext in VIDEO_EXTS and video is None:
             raise ProbeError("no video stream")
         if ext in AUDIO_EXTS and audio is None:
@@ -111,6 +112,12 @@ def _probe_pyav(data: bytes, ext: str) -> MediaInfo:
             frames = video.frames or round(duration * fps)
             fields.update(fps=fps, frames=frames, width=video.codec_context.width, height=video.codec_context.height)
         return MediaInfo(**fields)
+
+
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The first video stream that is moving pictures, not an attached picture (cover art)."""
+    pictures = (s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic)
+    return next(pictures, None)
 
 
 def _duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -28,13 +30,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mormm.data.index import DatasetIndex, ShardInfo, SplitInfo
 from mormm.data.probe import MEDIA_EXTS, MediaInfo, ProbeError, media_ext, probe_file
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+# The files a run writes into OUTPUT, and so the only ones --overwrite deletes.
+OUR_SHARD = re.compile(r"(train|val|test)-\d{6,}\.tar")
+OUR_FILES = ("index.json", "report.json")
 # Record fields the writer owns; a manifest column with one of these names would be overwritten.
 RESERVED_FIELDS = frozenset({"key", "source", "label", "split", "duration", "media"})
 PROGRESS_MIN_ITEMS = 100  # below this a run takes a blink; a bar would only flicker
 
 
-class ShardsError(Exception):
+class ShardsError(ValueError):
     """A user error (bad input folder, manifest or option); the message says what to do."""
 
 
@@ -70,6 +77,7 @@ class WriteResult:
     index: DatasetIndex
     skipped: list[Skipped]
     output: Path
+    lost_classes: list[str] = field(default_factory=list)  # classes none of whose files could be read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +220,10 @@ def assign_splits(items: list[ProbedItem], fractions: list[float] | None, seed: 
 
 def parse_fractions(text: str) -> list[float]:
     try:
-        return check_fractions([float(v) for v in text.split(",")])
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise ShardsError(f"--split {text!r}: expected fractions like 0.8,0.1,0.1 (train,val,test)") from None
+    return check_fractions(values)
 
 
 def check_fractions(values: list[float]) -> list[float]:
@@ -297,8 +306,11 @@ def _modalities(items: list[ProbedItem]) -> list[str]:
 
 
 def _prepare_output(output: Path, overwrite: bool) -> None:
-    ours = [*output.glob("*.tar"), output / "index.json", output / "report.json"] if output.is_dir() else []
-    ours = [p for p in ours if p.exists()]
+    """Refuse to mix with an earlier run's shards, or (overwrite) delete exactly the files a run
+    writes; anything else in the folder is left alone."""
+    ours = []
+    if output.is_dir():
+        ours = [p for p in output.iterdir() if OUR_SHARD.fullmatch(p.name) or p.name in OUR_FILES]
     if ours and not overwrite:
         raise ShardsError(f"output folder {output} already holds shards; pass --overwrite or choose another folder")
     for p in ours:
@@ -335,7 +347,12 @@ def write_shards(
             f"no media files found in {input} (supported: {', '.join(sorted(MEDIA_EXTS))}; "
             f"a folder needs one sub-folder per class)"
         )
-    classes = sorted({name for it in items for name in it.labels})
+    given = {it.split for it in items if it.split}
+    if split is not None and given:
+        raise ShardsError(
+            f"manifest {input} has a 'split' column ({', '.join(sorted(given))}) and "
+            f"--split {','.join(map(str, split))} was given too; drop --split to keep the manifest's splits, or rename the column to re-split at random"
+        )
     _prepare_output(output, overwrite)
 
     console = console or Console(stderr=True)
@@ -356,6 +373,12 @@ def write_shards(
                 skipped.append(Skipped(item.source, str(exn)))
         if not probed:
             raise ShardsError(f"none of the {len(items)} samples in {input} could be read ({skipped[0].reason}, ...)")
+        # Classes come from the samples kept: a class whose every file is broken would otherwise
+        # be a class the model must predict but never sees.
+        classes = sorted({name for p in probed for name in p.item.labels})
+        lost = sorted({name for it in items for name in it.labels} - set(classes))
+        if lost:
+            log.warning("classes left out, none of their files could be read (see report.json): %s", ", ".join(lost))
         class_to_idx = {name: i for i, name in enumerate(classes)}
         base = input if input.is_dir() else input.parent
         by_split = assign_splits(probed, None if split is None else check_fractions(split), seed)
@@ -373,9 +396,9 @@ def write_shards(
         root=output,
     )
     index.save(output)
-    report = {"skipped": [{"source": s.source, "reason": s.reason} for s in skipped]}
+    report = {"skipped": [{"source": s.source, "reason": s.reason} for s in skipped], "lost_classes": lost}
     (output / "report.json").write_text(json.dumps(report, indent=2))
-    return WriteResult(index=index, skipped=skipped, output=output)
+    return WriteResult(index=index, skipped=skipped, output=output, lost_classes=lost)
 
 
 # ---------------------------------------------------------------------------------------------

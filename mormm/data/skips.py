@@ -2,7 +2,8 @@
 
 Decoding runs in worker processes, so a plain Python counter there would die with the worker. The
 counts live in a small shared-memory tensor instead (one slot per worker, so workers never write
-the same slot and need no lock); the main process reads the sum whenever it likes. The reason for
+the same slot and need no lock); the main process reads the sum whenever it likes. Each slot also
+keeps its first reason, so an error about skipped samples can say why. The reason for
 each skip is logged from the worker as it happens (Python logging, WARNING level), so every
 dropped sample is both counted and named.
 """
@@ -17,6 +18,8 @@ from torch.utils.data import get_worker_info
 
 log = logging.getLogger(__name__)
 
+REASON_BYTES = 300  # per worker: the first skip reason, UTF-8, cut to this length
+
 
 class SkipCounter:
     """A webdataset exception handler that counts and logs the exception, then continues."""
@@ -24,16 +27,30 @@ class SkipCounter:
     def __init__(self, stage: str, num_workers: int):
         self.stage = stage
         self.counts = torch.zeros(num_workers + 1, dtype=torch.int64).share_memory_()  # slot 0: main process
+        self.reasons = torch.zeros(num_workers + 1, REASON_BYTES, dtype=torch.uint8).share_memory_()
 
     def __call__(self, exn: Exception) -> bool:
         worker = get_worker_info()
-        self.counts[0 if worker is None else worker.id + 1] += 1
-        log.warning("skipped a %s sample: %s: %s", self.stage, type(exn).__name__, exn)
+        slot = 0 if worker is None else worker.id + 1
+        self.counts[slot] += 1
+        reason = f"{type(exn).__name__}: {exn}"
+        if self.counts[slot] == 1:
+            data = reason.encode()[:REASON_BYTES]
+            self.reasons[slot, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        log.warning("skipped a %s sample: %s", self.stage, reason)
         return True  # webdataset: go on with the next sample
 
     @property
     def total(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def first_reason(self) -> str | None:
+        """The reason of the first skip seen by the lowest-numbered process that skipped any."""
+        for slot in range(len(self.counts)):
+            if self.counts[slot]:
+                return bytes(self.reasons[slot].tolist()).rstrip(b"\0").decode(errors="replace")
+        return None
 
 
 class LogSkippedSamples(L.Callback):
