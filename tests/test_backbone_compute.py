@@ -56,6 +56,20 @@ def test_steps_process_only_the_selected_tokens(R, caps, kept):
     assert qkv_rows(mor, make_tokens(lengths=[24, 10])) == [B * k for k in kept]
 
 
+@pytest.mark.parametrize("unit,factor,kept", [("token", 1.0, [24, 16, 8]),
+                                              ("token", 1.25, [24, 20, 10]),
+                                              ("segment", 1.0, [24, 18, 9])])
+def test_token_choice_steps_gather_only_their_capacity(unit, factor, kept):
+    """Token-choice never falls back to computing every token: step j runs on the static bound
+    capacity_factor x capacities[j], however the choices fall (here: everyone wants depth 3)."""
+    router = TokenChoiceRouter(capacity_factor=factor, unit=unit)
+    mor = build(router)
+    with torch.no_grad():
+        router.depth_bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    tokens = make_tokens(segments=3 if unit == "segment" else None)
+    assert qkv_rows(mor, tokens) == [B * k for k in kept]
+
+
 def test_segment_steps_gather_whole_segments():
     mor = build(ExpertChoiceRouter(unit="segment"))  # 8 segments of 3: keep 8, 6, 3 segments
     assert qkv_rows(mor, make_tokens(segments=3)) == [B * 24, B * 18, B * 9]

@@ -108,6 +108,8 @@ def test_unique_parameter_count(strategy, L, R):
     unique = num_unique_layers(strategy, L, R)
     assert len(model.layers) == unique
     assert sum(p.numel() for p in model.layers.parameters()) == unique * per_layer
+    # The whole backbone: the unique layers and the final norm, nothing else (no router here).
+    assert sum(p.numel() for p in model.parameters()) == unique * per_layer + 2 * DIM
     # No accidental tying between distinct weight indices either.
     ptrs = [p.data_ptr() for p in model.layers.parameters()]
     assert len(set(ptrs)) == len(ptrs)
@@ -154,12 +156,7 @@ def test_shared_weights_are_tied_through_training(strategy, L, R):
 
     before = {id(p) for p in shared.parameters()}
     opt = torch.optim.AdamW(shared.parameters(), lr=1e-2)
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(before)  # each shared tensor once
     opt.step()
-    assert {id(p) for p in shared.parameters()} == before
-    for k, i in enumerate(schedule):  # every position still reads the (updated) shared weights
-        untied.layers[k].load_state_dict(shared.layers[i].state_dict())
-    untied.norm.load_state_dict(shared.norm.state_dict())
-    torch.testing.assert_close(shared(tokens).hidden, untied(tokens).hidden, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(shared(tokens).hidden, out_s)  # the step did change the weights
-
+    assert {id(p) for p in shared.parameters()} == before  # updated in place, still the same objects
+    assert not torch.allclose(shared(tokens).hidden, out_s)  # and the step did change them
