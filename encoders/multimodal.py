@@ -104,6 +104,17 @@ class AudioVideoTokenizer(nn.Module):
                 f"audio and video batch sizes differ: audio {tuple(audio.shape)}, "
                 f"video {tuple(video.shape)}"
             )
+        if audio.dim() == 2 and video.dim() == 5:
+            # One shared time axis only makes sense over one span of time (shapes are static).
+            a_s = audio.shape[1] / self.audio.sample_rate
+            v_s = video.shape[1] / self.video.frame_rate
+            if abs(a_s - v_s) > max(self.video.slice_seconds, self.audio.step_seconds):
+                raise ValueError(
+                    f"audio covers {a_s:.3f} s ({audio.shape[1]} samples at "
+                    f"{self.audio.sample_rate} Hz) but video covers {v_s:.3f} s ({video.shape[1]} "
+                    f"frames at frame_rate={self.video.frame_rate}); decode both over the same clip "
+                    f"(data.clip_seconds) and check the video tokenizer's frame_rate"
+                )
         a = self.audio(audio, audio_lengths, sample_rate)
         v = self.video(video)
         B, Na, _ = a.embeddings.shape

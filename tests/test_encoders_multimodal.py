@@ -99,6 +99,8 @@ def test_bad_inputs():
         tok(audio, video[:1])
     with pytest.raises(ValueError, match="multiple of tubelet_size=2, got T=23"):
         tok(audio, video[:, :23])
+    with pytest.raises(ValueError, match=r"audio covers 1.920 s .* video covers 0.960 s .*frame_rate=12.5"):
+        tok(audio, video[:, :12])  # half the clip, or a frame_rate that does not match the data
     with pytest.raises(ValueError, match="audio dim 16 != video dim 8"):
         AudioVideoTokenizer(AudioTokenizer(16), VideoTokenizer(8))
 
