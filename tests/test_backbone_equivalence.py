@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from encoders.tokens import Tokens
-from helpers import random_tokens
+from helpers import random_tokens, randomize_router
 from mormm.backbone import (
     STRATEGIES,
     BackboneConfig,
@@ -49,6 +49,7 @@ def build(strategy="cycle", router=None, R=3, seed=0, **cfg):
         for layer in model.layers:
             for p in layer.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
+    randomize_router(model)
     return model.eval()
 
 

@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from helpers import random_tokens
+from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 
 DIM, HEADS = 32, 4
@@ -26,7 +26,9 @@ def build(router, R=3, sharing="cycle", kv_mode="recursion", seed=0):
     L = {"cycle": R, "middle_cycle": R + 2}[sharing]
     cfg = BackboneConfig(dim=DIM, num_heads=HEADS, num_layers=L, num_recursions=R,
                          sharing=sharing, rope_axes=2, kv_mode=kv_mode)
-    return MoRBackbone(cfg, router)
+    model = MoRBackbone(cfg, router)
+    randomize_router(model)
+    return model
 
 
 def make_tokens(B=4, N=16, lengths=None, seed=0, seg_sizes=None):

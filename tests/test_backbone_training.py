@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from encoders.tokens import Tokens
-from helpers import random_tokens
+from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 
 DIM, HEADS = 32, 4
@@ -34,6 +34,7 @@ def test_gradients_reach_every_parameter(kind, kv_mode):
     cfg = BackboneConfig(dim=DIM, num_heads=HEADS, num_layers=8, num_recursions=3,
                          sharing="middle_cycle", kv_mode=kv_mode, rope_axes=2)
     model = MoRBackbone(cfg, ROUTERS[kind]()).train()
+    randomize_router(model)  # from zero, an MLP router's hidden layer waits one step for gradient
     tokens = make_tokens(lengths=[16, 12, 7, 3], segments=2 if kind == "expert_segment" else None)
     out = model(tokens)
     # Not hidden.sum(): the final LayerNorm output sums to sum(bias) for every token, so that

@@ -58,7 +58,8 @@ def test_predict_writes_class_probability_and_depth_per_clip(checkpoint: Path, t
     for r in rows:
         assert r["class"] in ("rise", "fall", "pulse", "wobble")
         assert 0.25 <= r["probability"] <= 1.0 and r["top5"][0] == [r["class"], r["probability"]]
-        assert r["depth"] and all(1 <= d <= 3 for d in r["depth"])  # every token recursed 1-3 times
+        assert r["depth"] and all(d in (1, 2) for d in r["depth"])  # quickstart: N_r = 2
+        assert sum(d == 2 for d in r["depth"]) == math.ceil(len(r["depth"]) / 2)  # capacity 1/2
         assert math.isclose(r["mean_depth"], sum(r["depth"]) / len(r["depth"]), abs_tol=1e-3)
 
 

@@ -140,3 +140,32 @@ def test_compile_keeps_the_eager_parameter_names(trained):
     before = list(m.state_dict())
     m.configure_model()  # compiles lazily (nothing is traced until the first call)
     assert list(m.state_dict()) == before  # so checkpoints load into eager models, analysis, uptrain
+
+
+def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
+    """A JSONL manifest with label lists gives a multi-label dataset: the model trains with BCE
+    and validation reports mAP (macro) and per-label accuracy."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from mormm.data import write_shards
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        sf.write(tmp_path / f"{i}.wav", rng.uniform(-0.3, 0.3, 16_000).astype(np.float32), 16_000)
+        rows.append({"audio": f"{i}.wav", "label": [["a"], ["b"], ["a", "c"]][i % 3]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards = write_shards(tmp_path / "m.jsonl", tmp_path / "shards", path_columns=["audio"],
+                          split=[0.5, 0.5], max_samples=6).output
+    cli = build_cli(["fit", "--config", "configs/quickstart.yaml", "--data.dataset", str(shards),
+                     "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                     "--data.batch_size", "4", "--data.num_workers", "0", "--data.shuffle_buffer", "8"])
+    assert cli.model.multi_label and cli.model.num_classes == 3
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["val/mAP"]) <= 1.0 and 0.0 <= float(metrics["val/acc"]) <= 1.0
+    assert torch.isfinite(metrics["train/loss"])

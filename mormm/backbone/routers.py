@@ -94,11 +94,17 @@ def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
 
 
 def _projection(dim: int, mlp_hidden: int | None, out: int) -> nn.Module:
+    """The router's scoring layer, its output zero at initialisation: every unit starts with the
+    same score and gate, and the first gradients, that is the task, decide which units go deeper.
+    A random projection instead ranks units by a random direction of their hidden states, and on
+    the demo data that chance direction decided, seed by seed, whether events or background got
+    the depth (see the analysis tests)."""
     if mlp_hidden is None:
         proj = nn.Linear(dim, out, bias=False)
-        nn.init.normal_(proj.weight, std=dim**-0.5 * 0.1)
-        return proj
-    return nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, out, bias=False))
+    else:
+        proj = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, out, bias=False))
+    nn.init.zeros_(proj.weight if mlp_hidden is None else proj[-1].weight)
+    return proj
 
 
 class Router(nn.Module):
