@@ -112,6 +112,13 @@ def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions:
     elif variant.router == "tc":
         router = TokenChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
     backbone = MoRBackbone(config, router)
+    if router is not None:
+        # Routers start at zero scores (every unit ties; token-choice units would all pick
+        # depth 1). A small random spread stands in for a trained router, whose selections and
+        # token-choice loads are what the timings should see.
+        with torch.no_grad():
+            for p in router.parameters():
+                p.normal_(0.0, 0.1 * p.shape[-1] ** -0.5)
     return _Bench(backbone)
 
 
