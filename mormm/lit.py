@@ -141,7 +141,6 @@ class MoRModule(L.LightningModule):
 
     def _log_depth(self, out: BackboneOutput, stage: str, batch_size: int) -> None:
         stats = depth_stats(out, self.backbone.config.num_layers, self.backbone.plan)
-        stats.update({f"router/{k}": v for k, v in out.stats.items() if v.dim() == 0})
         if self.backbone.router is not None:
             stats.update({f"router/{k}": v for k, v in
                           self.backbone.router.statistics(out.steps, out.valid).items()})

@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,3 +13,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cli_in_repo(monkeypatch):
+    """Run the CLI as `mormm` from the repository root: configs resolve by their relative paths,
+    and LightningCLI does not warn about pytest's own arguments in sys.argv."""
+    monkeypatch.setattr(sys, "argv", ["mormm"])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])

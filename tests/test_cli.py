@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = "configs/quickstart.yaml"
 
 
-@pytest.fixture(autouse=True)
-def cli_argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["mormm"])
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("cli_in_repo")
 
 
 def small(out: Path) -> list[str]:

@@ -3,7 +3,6 @@ their MoR config only in sharing and router; short real fits for audio, video an
 the quickstart learns; the EMA snippet of the config comments works."""
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,7 @@ def demos():
         ensure_demo(kind)
 
 
-@pytest.fixture(autouse=True)
-def cli_argv(monkeypatch):
-    """LightningCLI warns when given args while sys.argv holds pytest's own arguments."""
-    monkeypatch.setattr(sys, "argv", ["mormm"])
+pytestmark = pytest.mark.usefixtures("cli_in_repo")
 
 
 def quiet(tmp_path: Path) -> list[str]:

@@ -16,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUTER = "--model.backbone.init_args.router"
 
 
-@pytest.fixture(autouse=True)
-def cli_argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["mormm"])
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("cli_in_repo")
 
 
 def fit_args(out: Path, *extra: str) -> list[str]:

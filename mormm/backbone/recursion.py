@@ -126,8 +126,7 @@ class MoRBackbone(nn.Module):
             carry, active = route.carry, route.selected
             for k, v in route.losses.items():
                 losses[k] = losses[k] + v if k in losses else v
-            for k, v in route.stats.items():
-                stats[f"{k}/step{r}" if k != "load" else k] = v
+            stats.update(route.stats)
             selected = units.broadcast(route.selected)  # (B, N)
             if valid is not None:
                 selected = selected & valid  # a padded token never joins a real segment's step

@@ -34,7 +34,9 @@ class Route:
     kept: int  # static bound on selected units per sample
     exact: bool  # statically known: every sample selects exactly `kept` units, no padding
     losses: dict[str, Tensor] = field(default_factory=dict)  # weighted auxiliary losses
-    stats: dict[str, Tensor] = field(default_factory=dict)  # detached numbers to log
+    # Detached numbers the training loop needs after the optimizer step (token-choice "load");
+    # numbers to log come from Router.statistics, outside the forward.
+    stats: dict[str, Tensor] = field(default_factory=dict)
     carry: Any = None
     index: Tensor | None = None  # (B, kept) ascending indices of the selected units, when exact
 
