@@ -220,7 +220,9 @@ class MoRModule(L.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1000
+        # Detached from a Trainer (the `trainer` property raises then): a nominal 1000 steps.
+        trainer = self._trainer
+        total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1000
         warmup = min(hp.warmup_steps, max(0, total - 1))
 
         def schedule(step: int) -> float:

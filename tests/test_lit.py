@@ -129,6 +129,16 @@ def test_weight_decay_goes_to_linear_and_conv_weights_only(trained):
     for n, p in model.named_parameters():
         if n.endswith(".bias") or "norm" in n:
             assert id(p) in no_decay, n
+    # Learned position tables are 2-D but no layer weight: chosen by module, not by tensor rank
+    # (which FSDP's flattened shards would not keep either).
+    from encoders import AudioTokenizer
+
+    tok = AudioTokenizer(96, n_mels=64, layout="frames", frames_per_token=5, learned_pos_grid=(20, 1))
+    with_tables = MoRModule(tok, cli.model.backbone, num_classes=4)
+    opt = with_tables.configure_optimizers()["optimizer"]
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    tables = list(tok.pos_embed.parameters())
+    assert tables and all(t.ndim == 2 and id(t) in no_decay for t in tables)
 
 
 def test_compile_keeps_the_eager_parameter_names(trained):
