@@ -88,7 +88,9 @@ def test_linear_flops_scale_with_capacity():
         return c.get_total_flops()
 
     f_mor, f_plain = flops(mor, tokens), flops(plain, tokens)
-    router = 3 * 2 * B * N * DIM  # one D->1 projection per step over all tokens
+    # One D->1 projection per step over the tokens that compete for it: all 24 at the first two
+    # steps (the first keeps everyone), the 16 the second kept at the third.
+    router = 2 * B * DIM * (24 + 24 + 16)
     assert f_plain == 3 * block_flops(N)
     assert f_mor == block_flops(24) + block_flops(16) + block_flops(8) + router
     assert abs(f_mor / f_plain - 2 / 3) < 0.01

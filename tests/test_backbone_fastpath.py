@@ -1,9 +1,10 @@
-"""The gather/scatter fast path computes the same function as a dense masked reference.
+"""The gather/scatter fast paths compute the same function as a dense masked reference.
 
 The reference runs every recursion step on all N tokens and masks: attention keys restricted to the
 step's selected tokens (recursion-wise KV) and the gated update applied only where selected. The
-fast path gathers the K selected tokens, skips masks when the selection is exact, reuses the
-router's top-k indices and casts rotary tables once under autocast.
+fast paths gather the K selected tokens, skip masks when the selection is exact, reuse the
+router's top-k indices and cast rotary tables once under autocast; expert-choice over unpadded
+tokens keeps the active tokens gathered between steps (the compact working set).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from encoders.tokens import Tokens
+from helpers import randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 
 
@@ -32,9 +34,11 @@ def _models(router: str, unit: str, kv_mode: str, sharing: str):
         lambda: TokenChoiceRouter(caps, unit=unit))
     torch.manual_seed(0)
     fast = MoRBackbone(cfg, make())
+    randomize_router(fast)  # zero-initialised routers tie every score: selections by index order
     ref = MoRBackbone(cfg, make())
     ref.load_state_dict(fast.state_dict())
     ref._step = types.MethodType(_dense_step, ref)
+    ref.router.compact = lambda units: False  # the masked loop, whose step is the dense one
     return fast, ref
 
 
@@ -93,19 +97,40 @@ def test_fast_matches_reference_under_bf16_autocast(router):
     assert err(a.hidden) < 3e-2 and err(b.hidden) < 3e-2
 
 
-def test_exact_routes_carry_sorted_indices():
+def test_compact_steps_rank_only_what_the_last_step_kept():
     fast, _ = _models("ec", "token", "recursion", "cycle")
     fast.eval()
+    tokens = _tokens(False)
+    assert fast.router.compact(fast._units(tokens))
     captured = []
-    step = fast._step
+    route = fast.router.route
 
-    def spy(*args, **kw):
-        captured.append((args[7], args[8], args[10] if len(args) > 10 else kw.get("index")))
-        return step(*args, **kw)
+    def spy(step, hidden, units, active, carry):
+        out = route(step, hidden, units, active, carry)
+        captured.append((hidden.shape[1], units.population, out))
+        return out
 
-    fast._step = spy
-    fast(_tokens(False))
-    for K, exact, index in captured:
-        assert exact
-        assert index is not None and index.shape[-1] == K
-        assert torch.equal(index, index.sort(-1).values)
+    fast.router.route = spy
+    fast(tokens)
+    N = tokens.embeddings.shape[1]
+    # Step 0 keeps everyone (no index); each later step ranks only the tokens the last one kept.
+    assert [m for m, _, _ in captured] == [N, N, 18, 12]
+    assert captured[0][2].index is None
+    for (m, population, route), kept in zip(captured[1:], [18, 12, 6]):
+        assert population == N and route.exact and route.index.shape == (3, kept)
+        ranked = route.index.sort(-1).values
+        assert (ranked[:, 1:] > ranked[:, :-1]).all() and int(route.index.max()) < m  # distinct
+
+
+def test_compact_inference_leaves_the_input_embeddings_alone():
+    """The compact path scatters in place at inference, but never into the caller's tensor."""
+    cfg = BackboneConfig(dim=32, num_heads=2, num_layers=3, num_recursions=3, sharing="cycle")
+    torch.manual_seed(0)
+    model = MoRBackbone(cfg, ExpertChoiceRouter([0.5, 0.5, 0.25])).eval()  # no step keeps all
+    tokens = _tokens(False)
+    before = tokens.embeddings.clone()
+    with torch.no_grad():
+        out = model(tokens)
+    assert torch.equal(tokens.embeddings, before)
+    assert out.depth.sum() == 3 * (12 + 12 + 6)
+

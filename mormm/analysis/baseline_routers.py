@@ -52,7 +52,8 @@ class BaselineRouter(Router):
         learned = self.learned.route(step, hidden, units, active, carry)
         cap = self.capacities[step]  # nominal capacity (a token-choice capacity_factor is slack)
         kept = capacity_count(cap, units.num_units)
-        budget = torch.minimum(capacity_counts(cap, units.count), active.sum(-1))  # (B,)
+        existing = units.counts(active.shape[0], active.device)
+        budget = torch.minimum(capacity_counts(cap, existing), active.sum(-1))  # (B,)
         selected, index = self.choose(active, budget, kept)
         exact = units.full
         return Route(

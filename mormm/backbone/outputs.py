@@ -2,18 +2,69 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
-@dataclass
 class StepTrace:
-    """One recursion step, broadcast to tokens so analysis can map it back to the input."""
+    """One recursion step, broadcast to tokens so analysis can map it back to the input.
 
-    selected: Tensor  # (B, N) bool: tokens the step processed
-    logits: Tensor | None  # (B, N) float router logits (None without a router)
-    gate: Tensor | None  # (B, N) float gate applied to the step's update
+    selected: (B, N) bool, the tokens the step processed;
+    logits:   (B, N) float router logits (None without a router);
+    gate:     (B, N) float gate applied to the step's update (None without a router).
+
+    A step routed over the backbone's compact working set knows only the tokens that competed
+    for it; its maps are built on first access (tokens that did not compete read logit and
+    gate 0), so an inference forward that never looks at them pays nothing for them.
+    """
+
+    def __init__(self, selected: Tensor, logits: Tensor | None, gate: Tensor | None) -> None:
+        self._maps: tuple | None = (selected, logits, gate)
+        self._build: Callable[[], tuple] | None = None
+
+    @classmethod
+    def compact(
+        cls, n: int, competed: Tensor | None, chosen: Tensor | None, logits: Tensor, gate: Tensor
+    ) -> StepTrace:
+        """competed (B, M) positions of the tokens that competed (None: all n, in order), with
+        their logits and gates (B, M); chosen (B, K) positions of those that took the step
+        (None: all n)."""
+
+        def build() -> tuple:
+            B = logits.shape[0]
+            if chosen is None:
+                selected = torch.ones(B, n, dtype=torch.bool, device=logits.device)
+            else:
+                selected = torch.zeros(B, n, dtype=torch.bool, device=logits.device)
+                selected = selected.scatter(1, chosen, True)
+            if competed is None:
+                return selected, logits, gate
+            spread = lambda v: v.new_zeros(B, n).scatter(1, competed, v)  # noqa: E731
+            return selected, spread(logits), spread(gate)
+
+        trace = cls.__new__(cls)
+        trace._maps, trace._build = None, build
+        return trace
+
+    def _get(self, i: int):
+        if self._maps is None:
+            self._maps, self._build = self._build(), None
+        return self._maps[i]
+
+    @property
+    def selected(self) -> Tensor:
+        return self._get(0)
+
+    @property
+    def logits(self) -> Tensor | None:
+        return self._get(1)
+
+    @property
+    def gate(self) -> Tensor | None:
+        return self._get(2)
 
 
 @dataclass

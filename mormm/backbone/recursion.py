@@ -1,16 +1,20 @@
 """The Mixture-of-Recursions backbone: shared layers applied recursively, a router per step.
 
 Dimension legend:
-    B batch, N tokens, K tokens gathered for one step, U routing units, D width, P rotary pairs
+    B batch, N tokens, K tokens gathered for one step, M tokens still active (compact working
+    set), U routing units, D width, P rotary pairs
 
 Data flow of one forward:
     Tokens -> prelude layers (all tokens) -> for each recursion step r:
         router picks units -> gather the K selected tokens (B, K, D) with their positions ->
-        run the step's shared layers on that dense tensor only -> scatter the gated update back
+        run the step's shared layers on that dense tensor only -> merge the gated update
     -> coda layers (all tokens) -> final norm -> BackboneOutput
 
 Tokens that exit are really skipped: each step works on a dense (B, K, D) tensor with K static
-(capacity x N), so shapes never depend on data and nothing synchronises with the host.
+(capacity x N), so shapes never depend on data and nothing synchronises with the host. Two loops
+implement the steps: `_compact` (expert-choice over unpadded tokens, the default) keeps the
+still-active tokens gathered between steps and scatters them back once at the end; `_masked`
+(padding, segments, token-choice) selects with (B, N) masks and scatters back after every step.
 """
 
 from __future__ import annotations
@@ -105,42 +109,24 @@ class MoRBackbone(nn.Module):
         for i in self.plan.prelude:
             x, _ = self.layers[i](x, rope, valid)
 
-        units = self._units(tokens) if self.router is not None else None
-        active = units.all_valid(B, x.device) if units is not None else None
-        everyone = _all_or(valid, B, N, x.device) if self.router is None else None
-        carry = None
-        shared_kv: list = []
-        traces: list[StepTrace] = []
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
-
-        for r, chunk in enumerate(self.plan.steps):
-            if self.router is None:
-                # Plain recursion: every token takes every step, no gate.
-                for j, i in enumerate(chunk):
-                    x, _ = self._layer(i, x, rope, valid, valid, r, j, shared_kv)
-                traces.append(StepTrace(everyone, None, None))
-                continue
-
-            route = self.router.route(r, x, units, active, carry)
-            carry, active = route.carry, route.selected
-            for k, v in route.losses.items():
-                losses[k] = losses[k] + v if k in losses else v
-            stats.update(route.stats)
-            selected = units.broadcast(route.selected)  # (B, N)
-            if valid is not None:
-                selected = selected & valid  # a padded token never joins a real segment's step
-            gate = units.broadcast(route.gate).to(x.dtype)  # (B, N)
-            x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
-                           route.exact, shared_kv, route.index)
-            traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
+        depth = None
+        units = self._units(tokens) if self.router is not None else None
+        if self.router is None:
+            x, traces = self._plain(x, rope, valid)
+        elif self.router.compact(units):
+            x, traces, depth = self._compact(x, rope, units, losses, stats, tokens.embeddings)
+        else:
+            x, traces = self._masked(x, rope, valid, units, losses, stats)
 
         for i in self.plan.coda:
             x, _ = self.layers[i](x, rope, valid)
 
         aux = sum(losses.values()) if losses else x.new_zeros(())
-        # Recursions per token; selections never include padding, so padding gets depth 0.
-        depth = torch.stack([t.selected for t in traces]).sum(0)  # (B, N) long
+        if depth is None:
+            # Recursions per token; selections never include padding, so padding gets depth 0.
+            depth = torch.stack([t.selected for t in traces]).sum(0)  # (B, N) long
         return BackboneOutput(
             hidden=self.norm(x),
             depth=depth,
@@ -150,6 +136,109 @@ class MoRBackbone(nn.Module):
             stats=stats,
             valid=valid,
         )
+
+    def _plain(self, x, rope, valid):
+        """Plain recursion: every token takes every step, no gate."""
+        B, N, _ = x.shape
+        everyone = _all_or(valid, B, N, x.device)
+        shared_kv: list = []
+        traces = []
+        for r, chunk in enumerate(self.plan.steps):
+            for j, i in enumerate(chunk):
+                x, _ = self._layer(i, x, rope, valid, valid, r, j, shared_kv)
+            traces.append(StepTrace(everyone, None, None))
+        return x, traces
+
+    def _compact(self, x, rope, units, losses, stats, given):
+        """Routed steps when `router.compact(units)` (expert-choice over unpadded tokens, the
+        default): the tokens still active stay gathered between steps as a dense working set
+        (B, M, D), so a step's router, top-k and gather read only the M
+        tokens that compete for it instead of all N; each level of the working set is
+        scattered back once, at the end. The same function as `_masked`, with fewer bytes and
+        kernels per step (no masking, no (B, N) gate, no scatter of the whole sequence per step).
+
+        given: the backbone's input embeddings, never written in place."""
+        B, N, _ = x.shape
+        h, h_rope, where = x, rope, None  # working set, its rotary table, its tokens' positions
+        levels: list[tuple[Tensor, Tensor]] = []  # (parent working set, indices into it)
+        chosen: list[Tensor] = []  # positions of the tokens of each step that did not take all N
+        everyone_steps = 0
+        shared_kv: list = []
+        traces: list[StepTrace] = []
+        carry = None
+        for r, chunk in enumerate(self.plan.steps):
+            set_units = units if where is None else Units.tokens(None, B, h.shape[1], h.device, N)
+            route = self.router.route(r, h, set_units, None, carry)
+            carry = route.carry
+            _accumulate(losses, route.losses)
+            stats.update(route.stats)
+            gate = route.gate.to(h.dtype)  # (B, M)
+            competed = where
+            if route.index is None:  # every token of the working set takes the step
+                h = self._merge(h, self._run(r, chunk, h, h_rope, shared_kv), gate)
+            else:
+                index = route.index  # (B, K) into the working set
+                h_in = _gather(h, index)
+                h_rope = None if h_rope is None else _gather(h_rope, index)
+                levels.append((h, index))
+                where = index if where is None else where.gather(1, index)
+                h = self._merge(h_in, self._run(r, chunk, h_in, h_rope, shared_kv),
+                                gate.gather(1, index))
+            if where is None:
+                everyone_steps += 1
+            else:
+                chosen.append(where)
+            traces.append(StepTrace.compact(N, competed, where, route.logits, gate))
+
+        grad = torch.is_grad_enabled() and h.requires_grad
+        for parent, index in reversed(levels):
+            rows = index[..., None].expand_as(h)
+            # In place at inference: every parent but the input is this forward's own tensor.
+            inplace = not grad and parent is not given
+            h = parent.scatter_(1, rows, h) if inplace else parent.scatter(1, rows, h)
+
+        depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=h.device)
+        if chosen:
+            where = torch.cat(chosen, 1)
+            depth = depth.scatter_add(1, where, torch.ones_like(where))
+        return h, traces, depth
+
+    def _masked(self, x, rope, valid, units, losses, stats):
+        """Routed steps in sequence space: each step's selection is a (B, N) mask (padding,
+        segments, token-choice overflow, threshold inference); the selected tokens are gathered,
+        processed and scattered back into x at every step."""
+        B, N, _ = x.shape
+        active = units.all_valid(B, x.device)
+        carry = None
+        shared_kv: list = []
+        traces: list[StepTrace] = []
+        for r, chunk in enumerate(self.plan.steps):
+            route = self.router.route(r, x, units, active, carry)
+            carry, active = route.carry, route.selected
+            _accumulate(losses, route.losses)
+            stats.update(route.stats)
+            selected = units.broadcast(route.selected)  # (B, N)
+            if valid is not None:
+                selected = selected & valid  # a padded token never joins a real segment's step
+            gate = units.broadcast(route.gate).to(x.dtype)  # (B, N)
+            x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
+                           route.exact, shared_kv, route.index)
+            traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
+        return x, traces
+
+    def _run(self, r, chunk, h, rope, shared_kv):
+        """Step r's shared layers on a dense, unpadded set of tokens."""
+        for j, i in enumerate(chunk):
+            h, _ = self._layer(i, h, rope, None, None, r, j, shared_kv)
+        return h
+
+    def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
+        """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
+        inp + g out (see BackboneConfig.gate_update)."""
+        g = gate[..., None]
+        if self.config.gate_update == "delta":
+            return torch.lerp(inp, out, g)
+        return torch.addcmul(inp, g, out)
 
     def _layer(self, i, h, rope, key_valid, valid, step, slot, shared_kv):
         """One shared layer of a recursion step, honouring the KV mode."""
@@ -166,7 +255,7 @@ class MoRBackbone(nn.Module):
         """Run recursion step r on the selected tokens and merge the gated update into x.
 
         exact: every sample selects exactly K tokens (static), so no slot is padding and attention
-        needs no mask (SDPA keeps its flash kernels). index: the router's (B, K) ascending token
+        needs no mask (SDPA keeps its flash kernels). index: the router's (B, K) token
         indices, when it has them; otherwise they are ranked from the mask here.
         """
         B, N, _ = x.shape
@@ -179,9 +268,11 @@ class MoRBackbone(nn.Module):
             update = self._update(h, x, gate)
             return x + (update if exact else torch.where(selected[..., None], update, 0))
 
-        # Gather the K selected tokens into a dense (B, K, D) tensor, in sequence order.
+        # Gather the K selected tokens into a dense (B, K, D) tensor. Their order is the
+        # ranking's, not the sequence's: attention is order-free (rotary tables travel with the
+        # tokens) and skipping the sort saves two kernels per step.
         if index is None:
-            index = selected.to(x.dtype).topk(K, dim=-1).indices.sort(dim=-1).values  # (B, K)
+            index = selected.to(x.dtype).topk(K, dim=-1, sorted=False).indices  # (B, K)
         slot_valid = None if exact else selected.gather(1, index)  # (B, K)
         h_in = _gather(x, index)
         rope_k = None if rope is None else _gather(rope, index)
@@ -196,6 +287,11 @@ class MoRBackbone(nn.Module):
     def _update(self, out: Tensor, inp: Tensor, gate: Tensor) -> Tensor:
         g = gate[..., None]
         return g * (out - inp) if self.config.gate_update == "delta" else g * out
+
+
+def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:
+    for k, v in new.items():
+        total[k] = total[k] + v if k in total else v
 
 
 def _all_or(mask: Tensor | None, B: int, N: int, device) -> Tensor:

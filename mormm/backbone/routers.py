@@ -28,7 +28,9 @@ UNITS = ("token", "segment")
 class Route:
     """What a router decided for one step."""
 
-    selected: Tensor  # (B, U) bool units that take this step (a subset of the active ones)
+    # (B, U) bool units that take this step (a subset of the active ones); None at compact
+    # inference (active=None, eval mode), where `index` says it all.
+    selected: Tensor | None
     gate: Tensor  # (B, U) float weight of the step's update
     logits: Tensor  # (B, U) float router logits (for logging / analysis)
     kept: int  # static bound on selected units per sample
@@ -38,7 +40,10 @@ class Route:
     # numbers to log come from Router.statistics, outside the forward.
     stats: dict[str, Tensor] = field(default_factory=dict)
     carry: Any = None
-    index: Tensor | None = None  # (B, kept) ascending indices of the selected units, when exact
+    # (B, kept) indices of the top-`kept` units, for token units: in no particular order when
+    # exact, else by rank (the taken ones first, `selected` says which); None for segments or
+    # when every unit is selected.
+    index: Tensor | None = None
 
 
 def default_capacities(num_steps: int) -> list[float]:
@@ -90,7 +95,9 @@ def _check_hidden(owner: str, mlp_hidden: int | None) -> None:
         )
 
 
-def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
+def _weighted_mean(x: Tensor, w: Tensor | None) -> Tensor:
+    if w is None:
+        return x.mean()
     w = w.to(x.dtype)
     return (x * w).sum() / w.sum().clamp(min=1.0)
 
@@ -141,7 +148,18 @@ class Router(nn.Module):
     def _build(self, dim: int, num_steps: int) -> None:
         raise NotImplementedError
 
-    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
+    def compact(self, units: Units) -> bool:
+        """Whether every step of this forward keeps exactly `Route.kept` units (`Route.exact`),
+        picked from the hidden states of the still-active units alone. The backbone then keeps
+        only those gathered between steps (its compact working set) and routes them with
+        `active=None`; see MoRBackbone."""
+        return False
+
+    def route(
+        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
+    ) -> Route:
+        """hidden (B, N, D) states of the units' tokens; active (B, U) units still in play, or
+        None when every unit is (compact routing)."""
         raise NotImplementedError
 
     def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
@@ -236,7 +254,15 @@ class ExpertChoiceRouter(Router):
         act = torch.sigmoid if self.activation == "sigmoid" else torch.tanh
         return self.alpha * act(logits)
 
-    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
+    def compact(self, units: Units) -> bool:
+        # Top-k over tokens of unpadded clips: every step keeps exactly its static count of
+        # tokens, chosen among those still active from their own hidden states alone.
+        threshold = self.inference == "threshold" and not self.training
+        return self.unit == "token" and units.full and not threshold
+
+    def route(
+        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
+    ) -> Route:
         logits = units.pool(self.proj[step](hidden).squeeze(-1).float())  # (B, U)
         cap = self.capacities[step]
         # Threshold inference decides only where there is something to decide: at capacity 1
@@ -250,19 +276,29 @@ class ExpertChoiceRouter(Router):
             # Keep every unit with logit > 0 up to the static buffer, not up to the top-k count
             # (bounding by `cap` left the slack unused: only the gather got wider).
             cap = min(1.0, cap * self.threshold_slack)
-        kept = capacity_count(cap, units.num_units)
-        if exact:
-            # At step 0 of a full stream every unit is active: nothing to mask.
-            priority = logits if step == 0 else logits.masked_fill(~active, float("-inf"))
+        kept = capacity_count(cap, units.population)
+        everyone = active is None or step == 0  # every unit still in play (exact routes only)
+        # Compact inference reads only the indices: the (B, U) mask is for losses and masks.
+        mask = active is not None or self.training
+        index = selected = None
+        if exact and everyone and kept >= units.num_units:
+            if mask:  # nothing to choose
+                selected = torch.ones_like(logits, dtype=torch.bool)
+        elif exact:
+            priority = logits if everyone else logits.masked_fill(~active, float("-inf"))
             top = priority.topk(kept, dim=-1, sorted=False).indices  # (B, kept)
-            selected = torch.zeros_like(active).scatter(1, top, True)
+            if mask:
+                selected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
+            index = top if units.is_tokens else None
         else:
             eligible = active & (logits > 0) if threshold else active
-            selected, _ = _select_top(eligible, logits, capacity_counts(cap, units.count), kept)
+            budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
+            selected, top = _select_top(eligible, logits, budget, kept)
+            index = top if units.is_tokens else None
 
         losses = {}
         if self.training and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
-            considered = active.to(logits.dtype)
+            considered = None if active is None else active.to(logits.dtype)
             if self.aux_loss_coef > 0:
                 bce = F.binary_cross_entropy_with_logits(
                     logits, selected.to(logits.dtype), reduction="none"
@@ -277,7 +313,7 @@ class ExpertChoiceRouter(Router):
             kept=kept,
             exact=exact,
             losses=losses,
-            index=top.sort(dim=-1).values if exact and units.is_tokens else None,
+            index=index,
         )
 
 
@@ -334,14 +370,18 @@ class TokenChoiceRouter(Router):
         self.proj = _projection(dim, self.mlp_hidden, num_steps)
         # Selection-only bias of loss-free balancing: a buffer, so checkpoints carry it.
         self.register_buffer("depth_bias", torch.zeros(num_steps))
+        self.register_buffer("suffix", torch.ones(num_steps, num_steps).tril(), persistent=False)
 
     def _decide(self, hidden: Tensor, units: Units, active: Tensor):
         logits = units.pool(self.proj(hidden).float())  # (B, U, R)
         probs = logits.softmax(-1)
         choice = (logits + self.depth_bias).argmax(-1)  # (B, U) in [0, R)
         gate = self.alpha * probs.gather(-1, choice[..., None]).squeeze(-1)
-        # Priority of a unit at step j: probability that its depth is >= j + 1.
-        reach = probs.flip(-1).cumsum(-1).flip(-1)  # (B, U, R)
+        # Priority of a unit at step j: probability that its depth is >= j + 1, a suffix sum
+        # taken as a product with a triangular matrix (a cumsum over R = 4 entries ran as a scan
+        # kernel of 0.29 ms per forward at the H200 video shape); fp32 whatever the autocast.
+        with torch.autocast(probs.device.type, enabled=False):
+            reach = probs @ self.suffix.to(probs.dtype)  # (B, U, R)
         losses, stats = {}, {}
         if not self.training:  # balancing is a training concern: nothing to compute here
             return (logits, choice, gate, reach), losses, stats
@@ -369,19 +409,28 @@ class TokenChoiceRouter(Router):
         logits, choice, gate, reach = carry
         cap = self.step_capacity(step)
         kept = capacity_count(cap, units.num_units)
-        # Full streams: every sample has all units, so the static `kept` is everyone's budget.
-        budget = None if units.full else capacity_counts(cap, units.count)
-        selected, _ = _select_top(active & (choice >= step), reach[..., step], budget, kept)
+        # Only the first step at full capacity is exact: every unit takes it.
+        exact = units.full and step == 0 and cap >= 1.0
+        index = None
+        if exact:
+            selected = active
+        else:
+            # Full streams: every sample has all units, so the static `kept` is everyone's budget.
+            budget = None
+            if not units.full:
+                budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
+            selected, top = _select_top(active & (choice >= step), reach[..., step], budget, kept)
+            index = top if units.is_tokens else None
         return Route(
             selected=selected,
             gate=gate,
             logits=logits[..., step],
             kept=kept,
-            # Only the first step at full capacity is exact: every unit takes it.
-            exact=units.full and step == 0 and cap >= 1.0,
+            exact=exact,
             losses=losses,
             stats=stats,
             carry=carry,
+            index=index,
         )
 
     @torch.no_grad()

@@ -37,20 +37,31 @@ class Units:
     segment_ids: Tensor | None  # (B, N) unit of each token; None when units are tokens
     token_valid: Tensor | None  # (B, N) bool; None when nothing is padded
     valid: Tensor | None  # (B, U) bool, the units that exist; None when all U exist
-    count: Tensor  # (B,) number of existing units
+    count: Tensor | None  # (B,) number of existing units; None when every sample has all U
     size: Tensor | None  # (B, U) valid tokens per unit (segments only)
     num_units: int  # U, static
     max_len: int  # static bound on tokens per unit
     full: bool = False  # static: every unit exists and holds exactly max_len tokens (no padding)
+    # Static count that capacities are fractions of: num_units, except for the backbone's compact
+    # working set (the M tokens still active out of a sequence of `population`).
+    population: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.population is None:
+            self.population = self.num_units
 
     @classmethod
-    def tokens(cls, token_valid: Tensor | None, batch: int, length: int, device) -> Units:
-        count = (
-            torch.full((batch,), length, dtype=torch.long, device=device)
-            if token_valid is None
-            else token_valid.sum(-1)
-        )
-        return cls(None, token_valid, token_valid, count, None, length, 1, token_valid is None)
+    def tokens(
+        cls,
+        token_valid: Tensor | None,
+        batch: int,
+        length: int,
+        device,
+        population: int | None = None,
+    ) -> Units:
+        count = None if token_valid is None else token_valid.sum(-1)
+        full = token_valid is None
+        return cls(None, token_valid, token_valid, count, None, length, 1, full, population)
 
     @classmethod
     def segments(
@@ -84,6 +95,12 @@ class Units:
     @property
     def is_tokens(self) -> bool:
         return self.segment_ids is None
+
+    def counts(self, batch: int, device) -> Tensor:
+        """(B,) number of existing units."""
+        if self.count is not None:
+            return self.count
+        return torch.full((batch,), self.num_units, dtype=torch.long, device=device)
 
     def all_valid(self, batch: int, device) -> Tensor:
         if self.valid is not None:
