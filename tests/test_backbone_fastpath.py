@@ -13,10 +13,12 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from encoders.tokens import Tokens
 from helpers import randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone.layers import PrefixKeys
 
 
 def _dense_step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None):
@@ -134,3 +136,48 @@ def test_compact_inference_leaves_the_input_embeddings_alone():
     assert torch.equal(tokens.embeddings, before)
     assert out.depth.sum() == 3 * (12 + 12 + 6)
 
+
+@pytest.mark.parametrize("router,unit,padded", [("tc", "token", False), ("tc", "segment", True),
+                                                ("ec", "token", True), ("ec", "segment", True)])
+def test_masked_steps_put_the_taken_tokens_first(router, unit, padded):
+    """Routed steps that may hold padding slots lay out the taken tokens first in every row, the
+    layout that lets CUDA run them as variable-length flash attention without a mask."""
+    fast, _ = _models(router, unit, "recursion", "cycle")
+    seen = []
+    for layer in fast.layers:
+        attend = layer.attn.forward
+        def spy(x, rope, keys, attend=attend):
+            seen.append(keys)
+            return attend(x, rope, keys)
+
+        layer.attn.forward = spy
+    fast(_tokens(padded))
+    prefixes = [k for k in seen if isinstance(k, PrefixKeys)]
+    assert prefixes
+    for keys in prefixes:
+        m = keys.mask
+        assert (m[:, 1:] <= m[:, :-1]).all()  # True, ..., True, False, ..., False
+        n = m.sum(-1)
+        expected = torch.stack((n, m.shape[1] - n), 1).flatten().cumsum(0)
+        assert torch.equal(keys.cu_seqlens, torch.cat((torch.zeros(1), expected)).int())
+
+
+def test_prefix_sequences_reproduce_the_key_mask():
+    """What flash varlen computes from PrefixKeys (each row two sequences: taken slots, then
+    padding), written out sequence by sequence, equals key-masked attention on the taken slots."""
+    B, M, H, Dh = 3, 7, 2, 8
+    mask = torch.arange(M) < torch.tensor([7, 3, 0])[:, None]
+    keys = PrefixKeys.of(mask)
+    q, k, v = (torch.randn(B, M, H, Dh) for _ in range(3))
+    heads_first = lambda t: t.transpose(-3, -2)  # noqa: E731  (.., M, H, Dh) <-> (.., H, M, Dh)
+    ref = heads_first(F.scaled_dot_product_attention(*map(heads_first, (q, k, v)),
+                                                     attn_mask=mask[:, None, None]))
+    rows = [t.reshape(B * M, H, Dh) for t in (q, k, v)]
+    out = torch.full((B * M, H, Dh), float("nan"))
+    cu = keys.cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            seq = (heads_first(t[a:b]) for t in rows)
+            out[a:b] = heads_first(F.scaled_dot_product_attention(*seq))
+    torch.testing.assert_close(out.view(B, M, H, Dh)[mask], ref[mask])
+    assert not out.isnan().any()  # every slot, padding too, belongs to exactly one sequence

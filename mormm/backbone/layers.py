@@ -12,6 +12,9 @@ checked against timm numerically.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
@@ -22,10 +25,53 @@ Rope = Tensor | None  # rotation table (B, K, 2, Dh), see rotary.py
 KV = tuple[Tensor, Tensor]  # keys (rotated), values: (B, H, M, Dh)
 
 
-def _key_mask(key_valid: Tensor | None) -> Tensor | None:
+@dataclass(frozen=True)
+class PrefixKeys:
+    """Key padding in which each row's real slots come first, as routed steps lay out their
+    gathered tokens (ranked, the taken ones first).
+
+    On CUDA in half precision this runs as variable-length flash attention, with no mask: each
+    row is two sequences, its n real slots and its M - n padding slots (padding attends only to
+    padding; its outputs are discarded by the step). A key mask instead sends SDPA to masked
+    kernels that took 1.4x to 2.5x as long at the routed shapes on the H200 (benchmarks/README.md).
+    Elsewhere the mask is used.
+    """
+
+    mask: Tensor  # (B, M) bool, True for the first n[b] slots of row b
+    cu_seqlens: Tensor  # (2B + 1,) int32 offsets of the 2B sequences in the flattened (B * M) rows
+
+    @classmethod
+    def of(cls, mask: Tensor) -> PrefixKeys:
+        B, M = mask.shape
+        n = mask.sum(-1, dtype=torch.int32)
+        lengths = torch.stack((n, M - n), 1).flatten()
+        return cls(mask, F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)))
+
+
+KeyValid = Tensor | PrefixKeys | None  # (B, M) bool keys that may be attended to; None: all
+
+
+def _key_mask(key_valid: KeyValid) -> Tensor | None:
     # (B, M) -> (B, 1, 1, M): broadcast over heads and queries. None keeps SDPA on its unmasked
     # (flash) kernels when nothing is padded.
+    if isinstance(key_valid, PrefixKeys):
+        key_valid = key_valid.mask
     return None if key_valid is None else key_valid[:, None, None, :]
+
+
+def _varlen_ok(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+
+
+def _prefix_attention(q: Tensor, k: Tensor, v: Tensor, keys: PrefixKeys) -> Tensor:
+    """q, k, v (B, M, H, Dh) -> (B, M, H, Dh) through flash attention's variable-length kernel
+    (differentiable; no host sync: the offsets stay on the device, the bound M is static)."""
+    B, M, H, Dh = q.shape
+    rows = lambda t: t.reshape(B * M, H, Dh)  # noqa: E731
+    cu = keys.cu_seqlens
+    out = torch.ops.aten._flash_attention_forward(rows(q), rows(k), rows(v), cu, cu, M, M, 0.0,
+                                                  False, False)[0]
+    return out.view(B, M, H, Dh)
 
 
 class Attention(nn.Module):
@@ -40,19 +86,23 @@ class Attention(nn.Module):
         B, _, K, _ = o.shape
         return self.proj(o.transpose(1, 2).reshape(B, K, -1))  # (B, K, D)
 
-    def forward(self, x: Tensor, rope: Rope, key_valid: Tensor | None) -> tuple[Tensor, KV]:
+    def forward(self, x: Tensor, rope: Rope, key_valid: KeyValid) -> tuple[Tensor, KV]:
         """Self-attention over the K tokens given; also returns their keys/values for sharing."""
         B, K, _ = x.shape
         qkv = self.qkv(x).view(B, K, 3, self.num_heads, self.head_dim)  # (B, K, 3, H, Dh)
         qk, v = qkv[:, :, :2], qkv[:, :, 2]
         if rope is not None:
             qk = apply_rotary(qk, rope)  # queries and keys in one pass
+        if isinstance(key_valid, PrefixKeys) and _varlen_ok(qk):
+            o = _prefix_attention(qk[:, :, 0], qk[:, :, 1], v, key_valid)  # (B, K, H, Dh)
+            k, v = qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
+            return self.proj(o.reshape(B, K, -1)), (k, v)
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, K, Dh) each
         v = v.transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(key_valid))
         return self._out(o), (k, v)
 
-    def attend_to(self, x: Tensor, rope: Rope, kv: KV, key_valid: Tensor | None) -> Tensor:
+    def attend_to(self, x: Tensor, rope: Rope, kv: KV, key_valid: KeyValid) -> Tensor:
         """Queries from x attend to given keys/values (recursive KV sharing): only the query
         slice of the fused projection runs, so K/V projections are skipped entirely."""
         B, K, D = x.shape
@@ -86,7 +136,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         rope: Rope = None,
-        key_valid: Tensor | None = None,
+        key_valid: KeyValid = None,
         kv: KV | None = None,
     ) -> tuple[Tensor, KV | None]:
         """Returns the new hidden states and the keys/values this call computed (None when it

@@ -14,7 +14,8 @@ Tokens that exit are really skipped: each step works on a dense (B, K, D) tensor
 (capacity x N), so shapes never depend on data and nothing synchronises with the host. Two loops
 implement the steps: `_compact` (expert-choice over unpadded tokens, the default) keeps the
 still-active tokens gathered between steps and scatters them back once at the end; `_masked`
-(padding, segments, token-choice) selects with (B, N) masks and scatters back after every step.
+(padding, segments, token-choice) selects with (B, N) masks and scatters back after every step,
+attending over the taken slots only (PrefixKeys).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from encoders.tokens import Tokens
 from mormm.backbone.config import BackboneConfig
-from mormm.backbone.layers import Block
+from mormm.backbone.layers import Block, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.rotary import AxialRotary
 from mormm.backbone.routers import Router
@@ -271,9 +272,10 @@ class MoRBackbone(nn.Module):
         # Gather the K selected tokens into a dense (B, K, D) tensor. Their order is the
         # ranking's, not the sequence's: attention is order-free (rotary tables travel with the
         # tokens) and skipping the sort saves two kernels per step.
-        if index is None:
-            index = selected.to(x.dtype).topk(K, dim=-1, sorted=False).indices  # (B, K)
-        slot_valid = None if exact else selected.gather(1, index)  # (B, K)
+        if index is None:  # taken tokens first (sorted), as a router's ranking has them
+            index = selected.to(x.dtype).topk(K, dim=-1).indices  # (B, K)
+        # Not exact: the first slots of each row are the taken tokens, the rest padding.
+        slot_valid = None if exact else PrefixKeys.of(selected.gather(1, index))
         h_in = _gather(x, index)
         rope_k = None if rope is None else _gather(rope, index)
         h = h_in
@@ -281,7 +283,7 @@ class MoRBackbone(nn.Module):
             h, _ = self._layer(i, h, rope_k, slot_valid, valid, r, j, shared_kv)
         update = self._update(h, h_in, gate.gather(1, index))
         if slot_valid is not None:
-            update = torch.where(slot_valid[..., None], update, 0)
+            update = torch.where(slot_valid.mask[..., None], update, 0)
         return x.scatter_add(1, index[..., None].expand_as(update), update)
 
     def _update(self, out: Tensor, inp: Tensor, gate: Tensor) -> Tensor:
