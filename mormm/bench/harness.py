@@ -13,8 +13,9 @@ mode: realised speedup, FLOP-ratio bound (vanilla FLOPs / variant FLOPs) and the
     python -m mormm.bench.harness --out benchmarks/results          # GPU, all shapes
     python -m mormm.bench.harness --small --device cpu --out /tmp/b # CPU smoke test (seconds)
 
-Writes <out>/<device-name>.json and .md; `merge STEM a.json b.json` combines calls of one device.
-No speed is asserted anywhere.
+The variants of one shape and mode are timed in turns (rep 1 of each, rep 2 of each, ...), so a
+drift of the machine during the run does not decide a ratio. Writes <out>/<device-name>.json and
+.md; `merge STEM a.json b.json` combines calls of one device. No speed is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,31 +162,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, warmup: int, reps: int, inner: int) -> float:
-    """Median seconds per call over `reps` timings of `inner` back-to-back calls."""
-    for _ in range(warmup):
+def _timed(fn, device: torch.device, inner: int) -> float:
+    """Seconds per call of `inner` back-to-back calls."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
         fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _time_alternating(fns: list, device: torch.device, warmup: int, reps: int,
+                      inner: int) -> list[float]:
+    """Median seconds per call of each fn, timed in turns (rep 1 of every fn, then rep 2, ...)
+    so that a drift of the host or the GPU over the run (other tenants, clocks) falls on all of
+    them alike instead of on whichever rows ran during it. Eager short shapes are bound by the
+    host's speed, which varied by up to 2x between runs of this harness on one kind of machine."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+        for t, fn in zip(times, fns):
+            t.append(_timed(fn, device, inner))
+    return [statistics.median(t) for t in times]
 
 
-def _peak(fn, device: torch.device) -> float | None:
-    """Peak allocated GiB while running fn once (CUDA only)."""
+def _peak(fn, device: torch.device, base: int) -> float | None:
+    """Peak allocated GiB while running fn once, over `base` bytes allocated before this case was
+    built (CUDA only): the case's own weights, optimizer state and activations, not those of the
+    other variants it alternates with."""
     if device.type != "cuda":
         fn()
         return None
@@ -192,7 +206,7 @@ def _peak(fn, device: torch.device) -> float | None:
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     _sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
 
 
 def _autocast(device: torch.device, cache: bool = True):
@@ -252,10 +266,21 @@ def _compiled(model: nn.Module, mode: str):
     raise ValueError(f"mode={mode!r} is unknown; choose eager, graphed, compiled or cudagraphs")
 
 
-def measure(shape: Shape, variant: Variant, mode: str, args, device) -> dict:
+@dataclass
+class Case:
+    """One shape x variant x mode, built and warmed: its row so far and the calls to time."""
+
+    row: dict
+    model: nn.Module
+    infer: Callable[[], object]  # eval mode
+    step: Callable[[], None] | None  # train mode
+
+
+def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> Case:
+    """Build, count (FLOPs, kernels), compile or capture, and measure peak memory of one case."""
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
     model = build_model(variant, args.dim, args.heads, args.layers, args.recursions).to(device)
-    inputs = make_inputs(shape, args.dim, device)
     row = {
         "shape": shape.name,
         "variant": variant.name,
@@ -279,11 +304,9 @@ def measure(shape: Shape, variant: Variant, mode: str, args, device) -> dict:
     infer()
     _sync(device)
     row["compile_s"] = time.perf_counter() - t0 if mode != "eager" else 0.0
-    t = _time(infer, device, args.warmup, args.reps, args.inner)
-    row["infer_s"] = t
-    row["clips_per_s"] = shape.batch / t
-    row["infer_peak_gib"] = _peak(infer, device)
+    row["infer_peak_gib"] = _peak(infer, device, base)
 
+    step = None
     if args.train and (mode == "eager" or (mode != "graphed" and args.compiled_train)):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -297,10 +320,26 @@ def measure(shape: Shape, variant: Variant, mode: str, args, device) -> dict:
             opt.zero_grad(set_to_none=True)
 
         step()  # compile + optimizer state, outside the peak measurement
-        t = _time(step, device, args.warmup, args.reps, max(1, args.inner // 2))
-        row["train_s"] = t
-        row["train_peak_gib"] = _peak(step, device)
-    return row
+        row["train_peak_gib"] = _peak(step, device, base)
+        model.eval()
+    return Case(row, model, infer, step)
+
+
+def measure_group(shape: Shape, cases: list[Case], args, device) -> None:
+    """Time the cases of one shape and mode in turns; fills their rows."""
+    for case in cases:
+        case.model.eval()
+    for case, t in zip(cases, _time_alternating([c.infer for c in cases], device, args.warmup,
+                                                args.reps, args.inner)):
+        case.row["infer_s"] = t
+        case.row["clips_per_s"] = shape.batch / t
+    trained = [c for c in cases if c.step is not None]
+    for case in trained:
+        case.model.train()
+    steps = _time_alternating([c.step for c in trained], device, args.warmup, args.reps,
+                              max(1, args.inner // 2))
+    for case, t in zip(trained, steps):
+        case.row["train_s"] = t
 
 
 # ---- reporting ------------------------------------------------------------------------------
@@ -461,10 +500,17 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     plan = _plan(args)
     table = SMALL_SHAPES if args.small else SHAPES
+    # The variants of one shape and mode are timed in turns (see _time_alternating); a compiled
+    # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    groups: dict[tuple[str, str], list[tuple[Shape, Variant, str]]] = {}
+    for s, v, m in plan:
+        groups.setdefault((s.name, m), []).append((s, v, m))
     if args.warm_only:
-        for s, v, m in plan:
-            a = argparse.Namespace(**{**vars(args), "warmup": 0, "reps": 1, "inner": 1})
-            measure(s, v, m, a, device)
+        for items in groups.values():
+            inputs = make_inputs(items[0][0], args.dim, device)
+            for s, v, m in items:
+                prepare(s, v, m, args, device, inputs)
         return {}
     result = {
         "schema": SCHEMA,
@@ -483,19 +529,25 @@ def run(args: argparse.Namespace) -> dict:
         "errors": [],
     }
     start = time.perf_counter()
-    for s, v, m in plan:
-        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-            result["errors"].append(f"{s.name}/{v.name}/{m}: skipped (time budget)")
-            continue
-        try:
-            row = measure(s, v, m, args, device)
-        except Exception as e:  # a failing row is reported, the others still run
-            result["errors"].append(f"{s.name}/{v.name}/{m}: {type(e).__name__}: {e}"[:500])
-            print("ERROR", result["errors"][-1], file=sys.stderr, flush=True)
-            continue
-        result["rows"].append(row)
-        print(json.dumps({k: (round(x, 5) if isinstance(x, float) else x) for k, x in row.items()}),
-              flush=True)
+    for items in groups.values():
+        shape = items[0][0]
+        inputs = make_inputs(shape, args.dim, device)
+        cases = []
+        for s, v, m in items:
+            if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                result["errors"].append(f"{s.name}/{v.name}/{m}: skipped (time budget)")
+                continue
+            try:
+                cases.append(prepare(s, v, m, args, device, inputs))
+            except Exception as e:  # a failing case is reported, the others still run
+                result["errors"].append(f"{s.name}/{v.name}/{m}: {type(e).__name__}: {e}"[:500])
+                print("ERROR", result["errors"][-1], file=sys.stderr, flush=True)
+        measure_group(shape, cases, args, device)
+        for case in cases:
+            result["rows"].append(case.row)
+            print(json.dumps({k: (round(x, 5) if isinstance(x, float) else x)
+                              for k, x in case.row.items()}), flush=True)
+        del cases
         torch._dynamo.reset()
     _add_ratios(result["rows"])
     return result
