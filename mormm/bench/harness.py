@@ -183,7 +183,10 @@ def _time_alternating(fns: list, device: torch.device, warmup: int, reps: int,
     """Median seconds per call of each fn, timed in turns (rep 1 of every fn, then rep 2, ...)
     so that a drift of the host or the GPU over the run (other tenants, clocks) falls on all of
     them alike instead of on whichever rows ran during it. Eager short shapes are bound by the
-    host's speed, which varied by up to 2x between runs of this harness on one kind of machine."""
+    host's speed, which varied by up to 2x between runs of this harness on one kind of machine.
+    Each turn starts with an untimed call: the first call after another model re-warms what the
+    switch evicted (on the H200, eager MoR-EC at 1 s audio timed 11.3 ms per call in turns of 3
+    against 6.3 ms run alone), and a deployed model has no neighbour to switch with."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -191,6 +194,7 @@ def _time_alternating(fns: list, device: torch.device, warmup: int, reps: int,
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
         for t, fn in zip(times, fns):
+            fn()
             t.append(_timed(fn, device, inner))
     return [statistics.median(t) for t in times]
 
