@@ -33,7 +33,8 @@ class PrefixKeys:
     On CUDA in half precision this runs as variable-length flash attention, with no mask: each
     row is two sequences, its n real slots and its M - n padding slots (padding attends only to
     padding; its outputs are discarded by the step). A key mask instead sends SDPA to masked
-    kernels that took 1.4x to 2.5x as long at the routed shapes on the H200 (benchmarks/README.md).
+    kernels that took 1.4x to 2.5x as long at the routed shapes on the H200
+    (benchmarks/results/nvidia-h200-prefix-attention.md).
     Elsewhere the mask is used.
     """
 
