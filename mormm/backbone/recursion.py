@@ -90,16 +90,15 @@ class MoRBackbone(nn.Module):
         return self.config.dim
 
     def _units(self, tokens: Tokens) -> Units:
-        B, N, _ = tokens.embeddings.shape
+        N = tokens.embeddings.shape[1]
         if self.router.unit == "segment":
             return Units.segments(
                 tokens.segment_ids, tokens.valid, tokens.num_segments, tokens.max_segment_len
             )
-        return Units.tokens(tokens.valid, B, N, tokens.embeddings.device)
+        return Units.tokens(tokens.valid, N)
 
     def forward(self, tokens: Tokens) -> BackboneOutput:
         x = tokens.embeddings
-        B, N, _ = x.shape
         valid = tokens.valid  # (B, N) or None
         rope = self.rotary(tokens.positions) if self.rotary is not None else None
         if rope is not None and torch.is_autocast_enabled(x.device.type):
@@ -168,7 +167,7 @@ class MoRBackbone(nn.Module):
         traces: list[StepTrace] = []
         carry = None
         for r, chunk in enumerate(self.plan.steps):
-            set_units = units if where is None else Units.tokens(None, B, h.shape[1], h.device, N)
+            set_units = units if where is None else Units.tokens(None, h.shape[1], N)
             route = self.router.route(r, h, set_units, None, carry)
             carry = route.carry
             _accumulate(losses, route.losses)

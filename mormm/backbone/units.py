@@ -51,14 +51,7 @@ class Units:
             self.population = self.num_units
 
     @classmethod
-    def tokens(
-        cls,
-        token_valid: Tensor | None,
-        batch: int,
-        length: int,
-        device,
-        population: int | None = None,
-    ) -> Units:
+    def tokens(cls, token_valid: Tensor | None, length: int, population: int | None = None) -> Units:
         count = None if token_valid is None else token_valid.sum(-1)
         full = token_valid is None
         return cls(None, token_valid, token_valid, count, None, length, 1, full, population)
