@@ -136,9 +136,12 @@ def _fullgraph(model, tokens):
     return compiled(tokens)  # raises on a graph break (data-dependent control flow, .tolist())
 
 
-COMPILE_CASES = {
+COMPILE_CASES = {  # padded clips take the masked loop, unpadded expert-choice the compact one
     "expert": (lambda: ExpertChoiceRouter(), dict()),
+    "expert_unpadded": (lambda: ExpertChoiceRouter(), dict(lengths=None)),
     "expert_segment": (lambda: ExpertChoiceRouter(unit="segment"), dict(segments=3)),
+    "expert_segment_unpadded": (lambda: ExpertChoiceRouter(unit="segment"),
+                                dict(segments=3, lengths=None)),
     "token_choice": (lambda: TokenChoiceRouter(), dict()),
     "expert_threshold": (lambda: ExpertChoiceRouter(inference="threshold"), dict()),
 }
@@ -149,7 +152,7 @@ COMPILE_CASES = {
 def test_forward_has_no_host_sync(kind, kv_mode):
     make_router, tok_args = COMPILE_CASES[kind]
     model = build(make_router(), L=5, sharing="middle_cycle", kv_mode=kv_mode)
-    tokens = make_tokens(lengths=[24, 17], **tok_args)
+    tokens = make_tokens(**{"lengths": [24, 17], **tok_args})
     w = torch.randn(B, N, DIM)
     for train in (True, False):
         model.train(train)

@@ -4,7 +4,7 @@ The reference runs every recursion step on all N tokens and masks: attention key
 step's selected tokens (recursion-wise KV) and the gated update applied only where selected. The
 fast paths gather the K selected tokens, skip masks when the selection is exact, reuse the
 router's top-k indices and cast rotary tables once under autocast; expert-choice over unpadded
-tokens keeps the active tokens gathered between steps (the compact working set).
+clips keeps the active tokens gathered between steps (the compact working set).
 """
 
 from __future__ import annotations
@@ -208,3 +208,22 @@ def test_varlen_steps_match_masked_steps_on_cuda(router, unit, padded, monkeypat
     assert torch.equal(a.depth, b.depth)
     err = (a.hidden[valid].float() - b.hidden[valid].float()).norm() / b.hidden[valid].float().norm()
     assert err < 1e-2
+
+
+def test_compact_segments_in_any_token_order_match_the_masked_loop():
+    """Segments need not be contiguous: the compact path finds each segment's tokens (and stores
+    gathered segments whole, one after the other) whatever the token order."""
+    fast, ref = _models("ec", "segment", "recursion", "cycle")
+    t = _tokens(False)
+    perm = torch.randperm(t.embeddings.shape[1], generator=torch.Generator().manual_seed(0))
+    tokens = dataclasses.replace(t, embeddings=t.embeddings[:, perm],
+                                 positions=t.positions[:, perm], segment_ids=t.segment_ids[:, perm],
+                                 modality_ids=t.modality_ids[:, perm])
+    assert fast.router.compact(fast._units(tokens))
+    for train in (False, True):
+        fast.train(train), ref.train(train)
+        a, b = fast(tokens), ref(tokens)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.depth, b.depth)
+        for s, u in zip(a.steps, b.steps):  # whole segments take each step
+            assert torch.equal(s.selected, u.selected)

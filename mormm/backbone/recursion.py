@@ -12,9 +12,9 @@ Data flow of one forward:
 
 Tokens that exit are really skipped: each step works on a dense (B, K, D) tensor with K static
 (capacity x N), so shapes never depend on data and nothing synchronises with the host. Two loops
-implement the steps: `_compact` (expert-choice over unpadded tokens, the default) keeps the
+implement the steps: `_compact` (expert-choice over unpadded clips, the default) keeps the
 still-active tokens gathered between steps and scatters them back once at the end; `_masked`
-(padding, segments, token-choice) selects with (B, N) masks and scatters back after every step,
+(padding, threshold inference, token-choice) selects with (B, N) masks and scatters back after every step,
 attending over the taken slots only (PrefixKeys).
 """
 
@@ -150,12 +150,13 @@ class MoRBackbone(nn.Module):
         return x, traces
 
     def _compact(self, x, rope, units, losses, stats, given):
-        """Routed steps when `router.compact(units)` (expert-choice over unpadded tokens, the
-        default): the tokens still active stay gathered between steps as a dense working set
-        (B, M, D), so a step's router, top-k and gather read only the M
-        tokens that compete for it instead of all N; each level of the working set is
-        scattered back once, at the end. The same function as `_masked`, with fewer bytes and
-        kernels per step (no masking, no (B, N) gate, no scatter of the whole sequence per step).
+        """Routed steps when `router.compact(units)` (expert-choice over unpadded clips, per
+        token or per segment): the tokens still active stay gathered between steps as a dense
+        working set (B, M, D), so a step's router, top-k and gather read only the M tokens that
+        compete for it instead of all N; each level of the working set is scattered back once,
+        at the end. Gathered segments are stored whole, one after the other (Units.blocks). The
+        same function as `_masked`, with fewer bytes and kernels per step (no masking, no
+        (B, N) gate, no scatter of the whole sequence per step).
 
         given: the backbone's input embeddings, never written in place."""
         B, N, _ = x.shape
@@ -166,18 +167,22 @@ class MoRBackbone(nn.Module):
         shared_kv: list = []
         traces: list[StepTrace] = []
         carry = None
+        set_units = units  # the working set's units
         for r, chunk in enumerate(self.plan.steps):
-            set_units = units if where is None else Units.tokens(None, h.shape[1], N)
             route = self.router.route(r, h, set_units, None, carry)
             carry = route.carry
             _accumulate(losses, route.losses)
             stats.update(route.stats)
-            gate = route.gate.to(h.dtype)  # (B, M)
+            gate = set_units.broadcast(route.gate).to(h.dtype)  # (B, M)
+            logits = set_units.broadcast(route.logits)
             competed = where
             if route.index is None:  # every token of the working set takes the step
                 h = self._merge(h, self._run(r, chunk, h, h_rope, shared_kv), gate)
             else:
-                index = route.index  # (B, K) into the working set
+                index = set_units.token_index(route.index)  # (B, K) into the working set
+                kept = route.index.shape[1]
+                set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
+                             else Units.blocks(kept, units.max_len, units.population))
                 h_in = _gather(h, index)
                 h_rope = None if h_rope is None else _gather(h_rope, index)
                 levels.append((h, index))
@@ -188,7 +193,7 @@ class MoRBackbone(nn.Module):
                 everyone_steps += 1
             else:
                 chosen.append(where)
-            traces.append(StepTrace.compact(N, competed, where, route.logits, gate))
+            traces.append(StepTrace.compact(N, competed, where, logits, gate))
 
         grad = torch.is_grad_enabled() and h.requires_grad
         for parent, index in reversed(levels):
@@ -221,8 +226,9 @@ class MoRBackbone(nn.Module):
             if valid is not None:
                 selected = selected & valid  # a padded token never joins a real segment's step
             gate = units.broadcast(route.gate).to(x.dtype)  # (B, N)
+            index = route.index if units.is_tokens else None  # segments: ranked from the mask
             x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
-                           route.exact, shared_kv, route.index)
+                           route.exact, shared_kv, index)
             traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
         return x, traces
 

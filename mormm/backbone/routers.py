@@ -40,9 +40,9 @@ class Route:
     # numbers to log come from Router.statistics, outside the forward.
     stats: dict[str, Tensor] = field(default_factory=dict)
     carry: Any = None
-    # (B, kept) indices of the top-`kept` units, for token units: in no particular order when
-    # exact, else by rank (the taken ones first, `selected` says which); None for segments or
-    # when every unit is selected.
+    # (B, kept) indices of the top-`kept` units: in no particular order when exact; else by rank
+    # (the taken ones first, `selected` says which), and only for token units. None when every
+    # unit is selected.
     index: Tensor | None = None
 
 
@@ -255,10 +255,10 @@ class ExpertChoiceRouter(Router):
         return self.alpha * act(logits)
 
     def compact(self, units: Units) -> bool:
-        # Top-k over tokens of unpadded clips: every step keeps exactly its static count of
-        # tokens, chosen among those still active from their own hidden states alone.
+        # Top-k over the units of unpadded clips: every step keeps exactly its static count of
+        # units, chosen among those still active from their own hidden states alone.
         threshold = self.inference == "threshold" and not self.training
-        return self.unit == "token" and units.full and not threshold
+        return units.full and not threshold
 
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
@@ -289,7 +289,7 @@ class ExpertChoiceRouter(Router):
             top = priority.topk(kept, dim=-1, sorted=False).indices  # (B, kept)
             if mask:
                 selected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
-            index = top if units.is_tokens else None
+            index = top
         else:
             eligible = active & (logits > 0) if threshold else active
             budget = capacity_counts(cap, units.counts(active.shape[0], active.device))

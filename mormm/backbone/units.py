@@ -57,6 +57,13 @@ class Units:
         return cls(None, token_valid, token_valid, count, None, length, 1, full, population)
 
     @classmethod
+    def blocks(cls, num_blocks: int, block_len: int, population: int) -> Units:
+        """Whole segments stored one after the other, unit u being tokens u * block_len ..
+        (u + 1) * block_len - 1: the compact working set of a segment-routed forward, where the
+        gathered segments are laid out so (no segment ids needed)."""
+        return cls(None, None, None, None, None, num_blocks, block_len, True, population)
+
+    @classmethod
     def segments(
         cls, segment_ids: Tensor, token_valid: Tensor | None, num_segments: int, max_len: int
     ) -> Units:
@@ -87,7 +94,7 @@ class Units:
 
     @property
     def is_tokens(self) -> bool:
-        return self.segment_ids is None
+        return self.segment_ids is None and self.max_len == 1
 
     def counts(self, batch: int, device) -> Tensor:
         """(B,) number of existing units."""
@@ -104,6 +111,8 @@ class Units:
         """Mean over each unit's valid tokens: (B, N, *F) -> (B, U, *F)."""
         if self.is_tokens:
             return x
+        if self.segment_ids is None:  # blocks
+            return x.unflatten(1, (self.num_units, self.max_len)).mean(2)
         B, N = self.segment_ids.shape
         extra = x.shape[2:]
         w = self.token_valid
@@ -117,6 +126,8 @@ class Units:
         """Unit values back to tokens: (B, U, *F) -> (B, N, *F)."""
         if self.is_tokens:
             return u
+        if self.segment_ids is None:  # blocks
+            return u.unsqueeze(2).expand(-1, -1, self.max_len, *u.shape[2:]).flatten(1, 2)
         B, N = self.segment_ids.shape
         extra = u.shape[2:]
         idx = self.segment_ids.view(B, N, *([1] * len(extra))).expand(B, N, *extra)
@@ -124,5 +135,18 @@ class Units:
 
     def gather_size(self, units_kept: int) -> int:
         """Static bound on tokens in `units_kept` units."""
-        N = self.num_units if self.is_tokens else self.segment_ids.shape[1]
+        N = self.num_units * self.max_len if self.segment_ids is None else self.segment_ids.shape[1]
         return min(N, units_kept * self.max_len)
+
+    def token_index(self, index: Tensor) -> Tensor:
+        """(B, K) indices of whole units -> (B, K * max_len) indices of their tokens, unit by
+        unit. Full units only: every unit holds exactly max_len tokens."""
+        L = self.max_len
+        if self.segment_ids is None:  # tokens (L = 1) or blocks
+            if L == 1:
+                return index
+            return (index[..., None] * L + torch.arange(L, device=index.device)).flatten(1)
+        B, N = self.segment_ids.shape
+        # Each segment's tokens, in sequence order: one sort per forward, at the first gather.
+        order = self.segment_ids.argsort(dim=1, stable=True).view(B, self.num_units, L)
+        return order.gather(1, index[..., None].expand(-1, -1, L)).flatten(1)
