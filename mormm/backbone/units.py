@@ -34,7 +34,7 @@ def capacity_counts(capacity: float, n: Tensor) -> Tensor:
 
 @dataclass
 class Units:
-    segment_ids: Tensor | None  # (B, N) unit of each token; None when units are tokens
+    segment_ids: Tensor | None  # (B, N) unit of each token; None for tokens and blocks
     token_valid: Tensor | None  # (B, N) bool; None when nothing is padded
     valid: Tensor | None  # (B, U) bool, the units that exist; None when all U exist
     count: Tensor | None  # (B,) number of existing units; None when every sample has all U
@@ -43,7 +43,7 @@ class Units:
     max_len: int  # static bound on tokens per unit
     full: bool = False  # static: every unit exists and holds exactly max_len tokens (no padding)
     # Static count that capacities are fractions of: num_units, except for the backbone's compact
-    # working set (the M tokens still active out of a sequence of `population`).
+    # working set (the units still active out of the sequence's `population`).
     population: int | None = None
 
     def __post_init__(self) -> None:
