@@ -88,9 +88,9 @@ def test_fast_matches_dense_reference(router, unit, kv_mode, sharing, padded):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("router", ["ec", "tc"])
-def test_fast_matches_reference_under_bf16_autocast(router):
-    fast, ref = _models(router, "token", "recursion", "cycle")
+@pytest.mark.parametrize("router,unit", [("ec", "token"), ("ec", "segment"), ("tc", "token")])
+def test_fast_matches_reference_under_bf16_autocast(router, unit):
+    fast, ref = _models(router, unit, "recursion", "cycle")
     fast.eval(), ref.eval()
     tokens = _tokens(False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
