@@ -26,7 +26,7 @@ def _dense_step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared
     h = x
     for j, i in enumerate(chunk):
         h, _ = self._layer(i, h, rope, selected, valid, r, j, shared_kv)
-    return x + torch.where(selected[..., None], self._update(h, x, gate), 0)
+    return torch.where(selected[..., None], self._merge(x, h, gate), x)
 
 
 def _models(router: str, unit: str, kv_mode: str, sharing: str):

@@ -144,8 +144,7 @@ class MoRBackbone(nn.Module):
         shared_kv: list = []
         traces = []
         for r, chunk in enumerate(self.plan.steps):
-            for j, i in enumerate(chunk):
-                x, _ = self._layer(i, x, rope, valid, valid, r, j, shared_kv)
+            x = self._run(r, chunk, x, rope, shared_kv, valid, valid)
             traces.append(StepTrace(everyone, None, None))
         return x, traces
 
@@ -232,10 +231,11 @@ class MoRBackbone(nn.Module):
             traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
         return x, traces
 
-    def _run(self, r, chunk, h, rope, shared_kv):
-        """Step r's shared layers on a dense, unpadded set of tokens."""
+    def _run(self, r, chunk, h, rope, shared_kv, key_valid=None, valid=None):
+        """Step r's shared layers on h. key_valid: the keys h's tokens may attend to (None: all of
+        them); valid: the sequence's valid tokens, for the keys of recursive KV sharing."""
         for j, i in enumerate(chunk):
-            h, _ = self._layer(i, h, rope, None, None, r, j, shared_kv)
+            h, _ = self._layer(i, h, rope, key_valid, valid, r, j, shared_kv)
         return h
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
@@ -267,12 +267,9 @@ class MoRBackbone(nn.Module):
         B, N, _ = x.shape
         if K >= N:
             # Nothing to skip statically (e.g. capacity 1): run in place.
-            h = x
             key_valid = valid if exact else selected  # exact at K == N: every token is selected
-            for j, i in enumerate(chunk):
-                h, _ = self._layer(i, h, rope, key_valid, valid, r, j, shared_kv)
-            update = self._update(h, x, gate)
-            return x + (update if exact else torch.where(selected[..., None], update, 0))
+            new = self._merge(x, self._run(r, chunk, x, rope, shared_kv, key_valid, valid), gate)
+            return new if exact else torch.where(selected[..., None], new, x)
 
         # Gather the K selected tokens into a dense (B, K, D) tensor. Their order is the
         # ranking's, not the sequence's: attention is order-free (rotary tables travel with the
@@ -283,17 +280,11 @@ class MoRBackbone(nn.Module):
         slot_valid = None if exact else PrefixKeys.of(selected.gather(1, index))
         h_in = _gather(x, index)
         rope_k = None if rope is None else _gather(rope, index)
-        h = h_in
-        for j, i in enumerate(chunk):
-            h, _ = self._layer(i, h, rope_k, slot_valid, valid, r, j, shared_kv)
-        update = self._update(h, h_in, gate.gather(1, index))
-        if slot_valid is not None:
-            update = torch.where(slot_valid.mask[..., None], update, 0)
-        return x.scatter_add(1, index[..., None].expand_as(update), update)
-
-    def _update(self, out: Tensor, inp: Tensor, gate: Tensor) -> Tensor:
-        g = gate[..., None]
-        return g * (out - inp) if self.config.gate_update == "delta" else g * out
+        h = self._run(r, chunk, h_in, rope_k, shared_kv, slot_valid, valid)
+        new = self._merge(h_in, h, gate.gather(1, index))
+        if slot_valid is not None:  # padding slots write back what they read
+            new = torch.where(slot_valid.mask[..., None], new, h_in)
+        return x.scatter(1, index[..., None].expand_as(new), new)
 
 
 def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:
