@@ -45,7 +45,8 @@ class BaselineRouter(Router):
         return self._generators[key]
 
     def choose(self, active: Tensor, budget: Tensor, kept: int) -> tuple[Tensor, Tensor]:
-        """(B, U) active units, (B,) units to keep -> (B, U) bool selection, (B, kept) indices."""
+        """(B, U) active units, (B,) units to keep -> (B, U) bool selection, (B, kept) indices
+        with the selected units first (what the backbone's masked steps lay out)."""
         raise NotImplementedError
 
     def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
@@ -63,7 +64,7 @@ class BaselineRouter(Router):
             kept=kept,
             exact=exact,
             carry=learned.carry,
-            index=index.sort(dim=-1).values if exact and units.is_tokens else None,
+            index=index,  # ranked: the chosen units first
         )
 
 

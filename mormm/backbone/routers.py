@@ -40,9 +40,8 @@ class Route:
     # numbers to log come from Router.statistics, outside the forward.
     stats: dict[str, Tensor] = field(default_factory=dict)
     carry: Any = None
-    # (B, kept) indices of the top-`kept` units: in no particular order when exact; else by rank
-    # (the taken ones first, `selected` says which), and only for token units. None when every
-    # unit is selected.
+    # (B, kept) indices of the top-`kept` units: in no particular order when exact, else by rank
+    # (the taken ones first, `selected` says which). None when every unit is selected.
     index: Tensor | None = None
 
 
@@ -294,7 +293,7 @@ class ExpertChoiceRouter(Router):
             eligible = active & (logits > 0) if threshold else active
             budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
             selected, top = _select_top(eligible, logits, budget, kept)
-            index = top if units.is_tokens else None
+            index = top
 
         losses = {}
         if self.training and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
@@ -420,7 +419,7 @@ class TokenChoiceRouter(Router):
             if not units.full:
                 budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
             selected, top = _select_top(active & (choice >= step), reach[..., step], budget, kept)
-            index = top if units.is_tokens else None
+            index = top
         return Route(
             selected=selected,
             gate=gate,
