@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mormm.bench.harness import _timed
+
 SHAPES = [(32, 1176), (32, 784), (32, 392), (128, 147), (128, 49), (64, 909), (64, 303)]
 HEADS, HEAD_DIM = 6, 64
 
@@ -27,14 +29,7 @@ HEADS, HEAD_DIM = 6, 64
 def _ms(fn, n: int = 30) -> float:
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / n
+    return _timed(fn, torch.device("cuda"), n) * 1e3
 
 
 def one(B: int, K: int) -> dict:

@@ -325,7 +325,6 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
 
         step()  # compile + optimizer state, outside the peak measurement
         row["train_peak_gib"] = _peak(step, device, base)
-        model.eval()
     return Case(row, model, infer, step)
 
 
