@@ -9,6 +9,11 @@ from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, Toke
 SMALL = dict(dim=32, num_heads=4, num_layers=6, num_recursions=3, sharing="cycle")
 
 
+def test_default_backbone_config_builds():
+    cfg = BackboneConfig()  # the defaults are a valid model, not a starting point to fix
+    assert MoRBackbone(cfg).plan.num_weights < cfg.num_layers
+
+
 @pytest.mark.parametrize("changes,field", [
     (dict(num_heads=5), "num_heads"),
     (dict(num_heads=0), "num_heads"),

@@ -37,7 +37,7 @@ class BackboneConfig:
 
     dim: int = 192
     num_heads: int = 3
-    num_layers: int = 6
+    num_layers: int = 8  # middle_cycle: a unique first and last layer, 2 shared x 3 recursions
     num_recursions: int = 3
     sharing: str = "middle_cycle"
     mlp_ratio: float = 4.0
