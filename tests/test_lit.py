@@ -149,6 +149,24 @@ def test_compile_keeps_the_eager_parameter_names(trained):
     assert list(m.state_dict()) == before  # so checkpoints load into eager models, analysis, uptrain
 
 
+def test_compile_mode_reaches_torch_compile_and_bad_modes_are_named(trained, monkeypatch):
+    from mormm.backbone import BackboneConfig, MoRBackbone
+
+    tok = trained[0].model.model.tokenizer
+    with pytest.raises(ValueError, match=r"model.compile='fast'.*reduce-overhead"):
+        MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile="fast")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    for mode, expected in ((True, None), ("reduce-overhead", "reduce-overhead")):
+        MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile=mode).configure_model()
+        assert seen.pop()["mode"] == expected
+    # Under CUDA graphs gradients stay allocated (see tests/test_cuda_graphs.py for why).
+    m = MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile="reduce-overhead")
+    m.on_train_start()
+    m.optimizer_zero_grad(0, 0, torch.optim.SGD(m.parameters(), lr=1.0))
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+
+
 def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
     """A JSONL manifest with label lists gives a multi-label dataset: the model trains with BCE
     and validation reports mAP (macro) and per-label accuracy."""
