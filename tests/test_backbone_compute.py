@@ -136,13 +136,16 @@ def _fullgraph(model, tokens):
     return compiled(tokens)  # raises on a graph break (data-dependent control flow, .tolist())
 
 
-COMPILE_CASES = {  # padded clips take the masked loop, unpadded expert-choice the compact one
+COMPILE_CASES = {  # padded clips take the masked loop, unpadded ones the compact one
     "expert": (lambda: ExpertChoiceRouter(), dict()),
     "expert_unpadded": (lambda: ExpertChoiceRouter(), dict(lengths=None)),
     "expert_segment": (lambda: ExpertChoiceRouter(unit="segment"), dict(segments=3)),
     "expert_segment_unpadded": (lambda: ExpertChoiceRouter(unit="segment"),
                                 dict(segments=3, lengths=None)),
     "token_choice": (lambda: TokenChoiceRouter(), dict()),
+    "token_choice_unpadded": (lambda: TokenChoiceRouter(), dict(lengths=None)),
+    "token_choice_segment_unpadded": (lambda: TokenChoiceRouter(unit="segment"),
+                                      dict(segments=3, lengths=None)),
     "expert_threshold": (lambda: ExpertChoiceRouter(inference="threshold"), dict()),
 }
 

@@ -73,7 +73,7 @@ class RandomRouter(BaselineRouter):
 
     def choose(self, active: Tensor, budget: Tensor, kept: int) -> tuple[Tensor, Tensor]:
         scores = torch.rand(active.shape, generator=self.generator(active.device), device=active.device)
-        return _select_top(active, scores, budget, kept)
+        return _select_top(active, scores, budget, kept)[:2]
 
 
 class UniformRouter(BaselineRouter):

@@ -27,11 +27,12 @@ class StepTrace:
 
     @classmethod
     def compact(
-        cls, n: int, competed: Tensor | None, chosen: Tensor | None, logits: Tensor, gate: Tensor
+        cls, n: int, competed: Tensor | None, chosen: Tensor | None, logits: Tensor, gate: Tensor,
+        taken: Tensor | None = None,
     ) -> StepTrace:
         """competed (B, M) positions of the tokens that competed (None: all n, in order), with
-        their logits and gates (B, M); chosen (B, K) positions of those that took the step
-        (None: all n)."""
+        their logits and gates (B, M); chosen (B, K) positions of the step's slots (None: all n)
+        and taken (B, K) bool, which of those slots took the step (None: all)."""
 
         def build() -> tuple:
             B = logits.shape[0]
@@ -39,7 +40,7 @@ class StepTrace:
                 selected = torch.ones(B, n, dtype=torch.bool, device=logits.device)
             else:
                 selected = torch.zeros(B, n, dtype=torch.bool, device=logits.device)
-                selected = selected.scatter(1, chosen, True)
+                selected = selected.scatter(1, chosen, True if taken is None else taken)
             if competed is None:
                 return selected, logits, gate
             spread = lambda v: v.new_zeros(B, n).scatter(1, competed, v)  # noqa: E731

@@ -12,10 +12,11 @@ Data flow of one forward:
 
 Tokens that exit are really skipped: each step works on a dense (B, K, D) tensor with K static
 (capacity x N), so shapes never depend on data and nothing synchronises with the host. Two loops
-implement the steps: `_compact` (expert-choice over unpadded clips, the default) keeps the
+implement the steps: `_compact` (expert- and token-choice over unpadded clips) keeps the
 still-active tokens gathered between steps and scatters them back once at the end; `_masked`
-(padding, threshold inference, token-choice) selects with (B, N) masks and scatters back after every step,
-attending over the taken slots only (PrefixKeys).
+(padding, threshold inference, the analysis baselines) selects with (B, N) masks and scatters
+back after every step. Steps that take fewer tokens than their static bound attend over the
+taken slots only (PrefixKeys).
 """
 
 from __future__ import annotations
@@ -149,36 +150,42 @@ class MoRBackbone(nn.Module):
         return x, traces
 
     def _compact(self, x, rope, units, losses, stats, given):
-        """Routed steps when `router.compact(units)` (expert-choice over unpadded clips, per
-        token or per segment): the tokens still active stay gathered between steps as a dense
-        working set (B, M, D), so a step's router, top-k and gather read only the M tokens that
-        compete for it instead of all N; each level of the working set is scattered back once,
-        at the end. Gathered segments are stored whole, one after the other (Units.blocks). The
-        same function as `_masked`, with fewer bytes and kernels per step (no masking, no
-        (B, N) gate, no scatter of the whole sequence per step).
+        """Routed steps when `router.compact(units)` (expert- or token-choice over unpadded
+        clips, per token or per segment): the tokens still active stay gathered between steps as
+        a dense working set (B, M, D), so a step's router, top-k and gather read only the M
+        tokens that compete for it instead of all N; each level of the working set is scattered
+        back once, at the end. Gathered segments are stored whole, one after the other
+        (Units.blocks). A step that keeps fewer units than its static bound (token-choice) puts
+        the taken ones first and attends over them alone (PrefixKeys); its other slots pass
+        through unchanged and compete no further. The same function as `_masked`, with fewer
+        bytes and kernels per step (no (B, N) masks and gates, no scatter of the whole sequence
+        per step).
 
         given: the backbone's input embeddings, never written in place."""
         B, N, _ = x.shape
         h, h_rope, where = x, rope, None  # working set, its rotary table, its tokens' positions
+        live = None  # (B, M units) the working set's units that took the last step; None: all
         levels: list[tuple[Tensor, Tensor]] = []  # (parent working set, indices into it)
-        chosen: list[Tensor] = []  # positions of the tokens of each step that did not take all N
+        chosen: list[tuple[Tensor, Tensor | None]] = []  # per step below N: positions, taken
         everyone_steps = 0
         shared_kv: list = []
         traces: list[StepTrace] = []
         carry = None
         set_units = units  # the working set's units
         for r, chunk in enumerate(self.plan.steps):
-            route = self.router.route(r, h, set_units, None, carry)
-            carry = route.carry
+            route = self.router.route(r, h, set_units, live, carry)
             _accumulate(losses, route.losses)
             stats.update(route.stats)
             gate = set_units.broadcast(route.gate).to(h.dtype)  # (B, M)
             logits = set_units.broadcast(route.logits)
-            competed = where
+            competed, taken = where, None
             if route.index is None:  # every token of the working set takes the step
+                carry = route.carry
                 h = self._merge(h, self._run(r, chunk, h, h_rope, shared_kv), gate)
             else:
                 index = set_units.token_index(route.index)  # (B, K) into the working set
+                carry = self.router.gather_carry(route.carry, route.index)
+                live = route.taken  # None: every unit of the index takes the step
                 kept = route.index.shape[1]
                 set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
                              else Units.blocks(kept, units.max_len, units.population))
@@ -186,13 +193,19 @@ class MoRBackbone(nn.Module):
                 h_rope = None if h_rope is None else _gather(h_rope, index)
                 levels.append((h, index))
                 where = index if where is None else where.gather(1, index)
-                h = self._merge(h_in, self._run(r, chunk, h_in, h_rope, shared_kv),
+                keys = None
+                if live is not None:
+                    taken = set_units.broadcast(live)  # (B, K): the first slots of each row
+                    keys = PrefixKeys.of(taken)
+                h = self._merge(h_in, self._run(r, chunk, h_in, h_rope, shared_kv, keys),
                                 gate.gather(1, index))
+                if taken is not None:  # the other slots write back what they read
+                    h = torch.where(taken[..., None], h, h_in)
             if where is None:
                 everyone_steps += 1
             else:
-                chosen.append(where)
-            traces.append(StepTrace.compact(N, competed, where, logits, gate))
+                chosen.append((where, taken))
+            traces.append(StepTrace.compact(N, competed, where, logits, gate, taken))
 
         grad = torch.is_grad_enabled() and h.requires_grad
         for parent, index in reversed(levels):
@@ -203,8 +216,13 @@ class MoRBackbone(nn.Module):
 
         depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=h.device)
         if chosen:
-            where = torch.cat(chosen, 1)
-            depth = depth.scatter_add(1, where, torch.ones_like(where))
+            where = torch.cat([w for w, _ in chosen], 1)
+            if all(t is None for _, t in chosen):
+                took = torch.ones_like(where)
+            else:
+                took = torch.cat([torch.ones_like(w, dtype=torch.bool) if t is None else t
+                                  for w, t in chosen], 1).long()
+            depth = depth.scatter_add(1, where, took)
         return h, traces, depth
 
     def _masked(self, x, rope, valid, units, losses, stats):
@@ -225,9 +243,10 @@ class MoRBackbone(nn.Module):
             if valid is not None:
                 selected = selected & valid  # a padded token never joins a real segment's step
             gate = units.broadcast(route.gate).to(x.dtype)  # (B, N)
-            index = route.index if units.is_tokens else None  # segments: ranked from the mask
+            # Segments: ranked from the token mask here.
+            index, taken = (route.index, route.taken) if units.is_tokens else (None, None)
             x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
-                           route.exact, shared_kv, index)
+                           route.exact, shared_kv, index, taken)
             traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
         return x, traces
 
@@ -257,12 +276,14 @@ class MoRBackbone(nn.Module):
             shared_kv.append(kv)
         return h, kv
 
-    def _step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None):
+    def _step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None,
+              taken=None):
         """Run recursion step r on the selected tokens and merge the gated update into x.
 
         exact: every sample selects exactly K tokens (static), so no slot is padding and attention
         needs no mask (SDPA keeps its flash kernels). index: the router's (B, K) token
-        indices, when it has them; otherwise they are ranked from the mask here.
+        indices, when it has them, and taken, which of them take the step (None: read from
+        `selected`); otherwise they are ranked from the mask here.
         """
         B, N, _ = x.shape
         if K >= N:
@@ -277,7 +298,9 @@ class MoRBackbone(nn.Module):
         if index is None:  # taken tokens first (sorted), as a router's ranking has them
             index = selected.to(x.dtype).topk(K, dim=-1).indices  # (B, K)
         # Not exact: the first slots of each row are the taken tokens, the rest padding.
-        slot_valid = None if exact else PrefixKeys.of(selected.gather(1, index))
+        if not exact and taken is None:
+            taken = selected.gather(1, index)
+        slot_valid = None if exact else PrefixKeys.of(taken)
         h_in = _gather(x, index)
         rope_k = None if rope is None else _gather(rope, index)
         h = self._run(r, chunk, h_in, rope_k, shared_kv, slot_valid, valid)

@@ -28,8 +28,8 @@ UNITS = ("token", "segment")
 class Route:
     """What a router decided for one step."""
 
-    # (B, U) bool units that take this step (a subset of the active ones); None at compact
-    # inference (active=None, eval mode), where `index` says it all.
+    # (B, U) bool units that take this step (a subset of the active ones). May be None when the
+    # call got active=None (compact working set), where `index` and `taken` say it all.
     selected: Tensor | None
     gate: Tensor  # (B, U) float weight of the step's update
     logits: Tensor  # (B, U) float router logits (for logging / analysis)
@@ -41,8 +41,9 @@ class Route:
     stats: dict[str, Tensor] = field(default_factory=dict)
     carry: Any = None
     # (B, kept) indices of the top-`kept` units: in no particular order when exact, else by rank
-    # (the taken ones first, `selected` says which). None when every unit is selected.
+    # (the taken ones first, `taken` says which). None when every unit is selected.
     index: Tensor | None = None
+    taken: Tensor | None = None  # (B, kept) bool, which of `index` take the step; None: all
 
 
 def default_capacities(num_steps: int) -> list[float]:
@@ -69,16 +70,16 @@ def _check_capacities(capacities: list[float], num_steps: int, owner: str) -> No
 
 def _select_top(
     eligible: Tensor, priority: Tensor, budget: Tensor | None, kept: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """(B, U) bool: the `budget[b]` eligible units of highest priority (kept >= budget; budget
-    None: `kept` of them, as many as are eligible), and the (B, kept) indices of the top `kept`
-    units, highest first."""
+    None: `kept` of them, as many as are eligible); the (B, kept) indices of the top `kept`
+    units, highest first; and (B, kept) bool, which of those are taken."""
     masked = priority.masked_fill(~eligible, float("-inf"))
     top = masked.topk(kept, dim=-1)  # (B, kept), highest first
     take = top.values > float("-inf")  # eligible ones (one kernel; isfinite launches four)
     if budget is not None:
         take = take & (torch.arange(kept, device=priority.device) < budget[:, None])
-    return torch.zeros_like(eligible).scatter(1, top.indices, take), top.indices
+    return torch.zeros_like(eligible).scatter(1, top.indices, take), top.indices, take
 
 
 def _check_nonnegative(owner: str, **values: float) -> None:
@@ -99,6 +100,13 @@ def _weighted_mean(x: Tensor, w: Tensor | None) -> Tensor:
         return x.mean()
     w = w.to(x.dtype)
     return (x * w).sum() / w.sum().clamp(min=1.0)
+
+
+def _unit_mean(x: Tensor, w: Tensor | None) -> Tensor:
+    """(B, U, R) -> (R,): mean over the units that exist (w (B, U); None: all)."""
+    if w is None:
+        return x.mean((0, 1))
+    return (x * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
 
 
 def _projection(dim: int, mlp_hidden: int | None, out: int) -> nn.Module:
@@ -148,17 +156,24 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def compact(self, units: Units) -> bool:
-        """Whether every step of this forward keeps exactly `Route.kept` units (`Route.exact`),
-        picked from the hidden states of the still-active units alone. The backbone then keeps
-        only those gathered between steps (its compact working set) and routes them with
-        `active=None`; see MoRBackbone."""
+        """Whether every step of this forward picks its units from those the previous step
+        processed, by their hidden states and carry alone, over clips without padding. The
+        backbone then keeps only those gathered between steps (its compact working set, see
+        MoRBackbone): it routes them with `active` = the ones that took the previous step (None
+        while all did) and hands the carry on through `gather_carry`. Routes that are not exact
+        must then say which units they take (`Route.taken`)."""
         return False
+
+    def gather_carry(self, carry: Any, index: Tensor) -> Any:
+        """The carry of the units `index` (B, K) picks out of those the last call routed, for a
+        backbone that goes on with those units only (compact working set)."""
+        return carry
 
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
     ) -> Route:
         """hidden (B, N, D) states of the units' tokens; active (B, U) units still in play, or
-        None when every unit is (compact routing)."""
+        None when every unit is."""
         raise NotImplementedError
 
     def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
@@ -279,7 +294,7 @@ class ExpertChoiceRouter(Router):
         everyone = active is None or step == 0  # every unit still in play (exact routes only)
         # Compact inference reads only the indices: the (B, U) mask is for losses and masks.
         mask = active is not None or self.training
-        index = selected = None
+        index = selected = taken = None
         if exact and everyone and kept >= units.num_units:
             if mask:  # nothing to choose
                 selected = torch.ones_like(logits, dtype=torch.bool)
@@ -292,8 +307,7 @@ class ExpertChoiceRouter(Router):
         else:
             eligible = active & (logits > 0) if threshold else active
             budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
-            selected, top = _select_top(eligible, logits, budget, kept)
-            index = top
+            selected, index, taken = _select_top(eligible, logits, budget, kept)
 
         losses = {}
         if self.training and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
@@ -313,6 +327,7 @@ class ExpertChoiceRouter(Router):
             exact=exact,
             losses=losses,
             index=index,
+            taken=taken,
         )
 
 
@@ -371,7 +386,23 @@ class TokenChoiceRouter(Router):
         self.register_buffer("depth_bias", torch.zeros(num_steps))
         self.register_buffer("suffix", torch.ones(num_steps, num_steps).tril(), persistent=False)
 
-    def _decide(self, hidden: Tensor, units: Units, active: Tensor):
+    def compact(self, units: Units) -> bool:
+        # Hierarchical: step j picks among the units that took step j - 1 (choice >= j implies
+        # choice >= j - 1), by the carry decided up front. Steps that keep fewer than `kept`
+        # units leave padding slots, taken units first.
+        return units.full
+
+    def gather_carry(self, carry: Any, index: Tensor) -> Any:
+        if carry is None:
+            return None
+        return carry.gather(1, index[..., None].expand(-1, -1, carry.shape[-1]))
+
+    def _unpack(self, carry: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """logits (B, U, R), reach (B, U, R), gate (B, U), choice (B, U) as a float."""
+        R = self.num_steps
+        return carry[..., :R], carry[..., R:2 * R], carry[..., 2 * R], carry[..., 2 * R + 1]
+
+    def _decide(self, hidden: Tensor, units: Units, active: Tensor | None):
         logits = units.pool(self.proj(hidden).float())  # (B, U, R)
         probs = logits.softmax(-1)
         choice = (logits + self.depth_bias).argmax(-1)  # (B, U) in [0, R)
@@ -381,36 +412,40 @@ class TokenChoiceRouter(Router):
         # kernel of 0.29 ms per forward at the H200 video shape); fp32 whatever the autocast.
         with torch.autocast(probs.device.type, enabled=False):
             reach = probs @ self.suffix.to(probs.dtype)  # (B, U, R)
+        # One (B, U, 2R + 2) tensor (see _unpack): a compact backbone gathers it once per step.
+        carry = torch.cat((logits, reach, gate[..., None], choice[..., None].to(gate.dtype)), -1)
         losses, stats = {}, {}
         if not self.training:  # balancing is a training concern: nothing to compute here
-            return (logits, choice, gate, reach), losses, stats
-        w = active.to(probs.dtype)  # units that exist
+            return carry, losses, stats
+        w = None if active is None else active.to(probs.dtype)  # units that exist; None: all
         R = probs.shape[-1]
         # One-hot by comparison: F.one_hot range-checks with .item() on non-CUDA devices (a sync).
         one_hot = (choice[..., None] == torch.arange(R, device=choice.device)).to(probs.dtype)
-        load = (one_hot * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
+        load = _unit_mean(one_hot, w)
         if self.balancing == "loss" and self.balance_coef > 0:
-            importance = (probs * w[..., None]).sum((0, 1)) / w.sum().clamp(min=1)
+            importance = _unit_mean(probs, w)
             losses["router_balance"] = self.balance_coef * R * (load.detach() * importance).sum()
         if self.z_loss_coef > 0:
             z = torch.logsumexp(logits, -1).square()
             losses["router_z"] = self.z_loss_coef * _weighted_mean(z, w)
         stats["load"] = load.detach()
-        return (logits, choice, gate, reach), losses, stats
+        return carry, losses, stats
 
     def step_capacity(self, step: int) -> float:
         return min(1.0, self.capacities[step] * self.capacity_factor)
 
-    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
+    def route(
+        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
+    ) -> Route:
         losses, stats = {}, {}
         if carry is None:
             carry, losses, stats = self._decide(hidden, units, active)
-        logits, choice, gate, reach = carry
+        logits, reach, gate, choice = self._unpack(carry)
         cap = self.step_capacity(step)
-        kept = capacity_count(cap, units.num_units)
+        kept = capacity_count(cap, units.population)  # <= the previous step's: capacities fall
         # Only the first step at full capacity is exact: every unit takes it.
         exact = units.full and step == 0 and cap >= 1.0
-        index = None
+        index = taken = None
         if exact:
             selected = active
         else:
@@ -418,8 +453,8 @@ class TokenChoiceRouter(Router):
             budget = None
             if not units.full:
                 budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
-            selected, top = _select_top(active & (choice >= step), reach[..., step], budget, kept)
-            index = top
+            eligible = choice >= step if active is None else active & (choice >= step)
+            selected, index, taken = _select_top(eligible, reach[..., step], budget, kept)
         return Route(
             selected=selected,
             gate=gate,
@@ -430,6 +465,7 @@ class TokenChoiceRouter(Router):
             stats=stats,
             carry=carry,
             index=index,
+            taken=taken,
         )
 
     @torch.no_grad()
