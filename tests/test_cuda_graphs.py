@@ -1,7 +1,8 @@
 """MoRModule(compile="reduce-overhead") on a GPU: the backbone replays as CUDA graphs, whose
-outputs are rewritten by the next replay, so everything kept past a step must be a copy
-(token-choice loads averaged over accumulated micro-batches, predicted depth maps).
-CUDA only: skipped elsewhere."""
+outputs (gradients included) are rewritten by the next replay, so everything kept past a step
+must be a copy (token-choice loads averaged over accumulated micro-batches, predicted depth
+maps) and accumulated gradients must live in buffers of their own. On the H200 this test failed
+with either fix removed. CUDA only: skipped elsewhere."""
 
 import lightning as L
 import pytest
