@@ -80,6 +80,9 @@ def test_fast_matches_dense_reference(router, unit, kv_mode, sharing, padded):
         valid = torch.ones_like(a.depth, dtype=torch.bool) if a.valid is None else a.valid
         torch.testing.assert_close(a.hidden[valid], b.hidden[valid], atol=1e-5, rtol=1e-5)
         assert torch.equal(a.depth, b.depth)
+        for sa, sb in zip(a.steps, b.steps, strict=True):  # the maps analysis and logging read
+            assert torch.equal(sa.selected, sb.selected)
+            torch.testing.assert_close(sa.gate[sa.selected], sb.gate[sb.selected])
         torch.testing.assert_close(a.aux_loss, b.aux_loss)
     # Gradients agree too (training uses the same fast path).
     (a.hidden[valid].square().mean() + a.aux_loss).backward()
