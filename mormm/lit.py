@@ -60,10 +60,11 @@ class MoRModule(L.LightningModule):
                    other 1-D parameters get no weight decay.
     label_smoothing: for single-label cross-entropy.
     compile:       torch.compile the backbone (static shapes make expert-choice compile well):
-                   true for the default mode, or a mode name. "reduce-overhead" also replays the
-                   backbone as CUDA graphs: short clips are bound by kernel launches, and there
-                   MoR needs it to beat the vanilla model (1 s audio on an H200: 0.88-0.92x
-                   vanilla compiled plainly, 1.38x with CUDA graphs; benchmarks/README.md).
+                   true for the default mode, or a mode name. "reduce-overhead" (and
+                   "max-autotune") also replay the backbone as CUDA graphs: short clips are
+                   bound by kernel launches, and there MoR needs it to beat the vanilla model
+                   (1 s audio on an H200: 0.88-0.92x vanilla compiled plainly, 1.38x with CUDA
+                   graphs; benchmarks/README.md).
                    Gradients are then zeroed between optimizer steps, not freed.
     init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
                    from scratch (not on resume, validate, test or predict).
@@ -86,9 +87,14 @@ class MoRModule(L.LightningModule):
         init_from: UptrainInit | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(compile, str) and compile not in torch._inductor.list_mode_options():
-            raise ValueError(f"model.compile={compile!r} is not a torch.compile mode; use true, false "
-                             f"or one of {sorted(torch._inductor.list_mode_options())}")
+        self._cuda_graphs = False  # whether the compiled backbone replays as CUDA graphs
+        if isinstance(compile, str):
+            modes = torch._inductor.list_mode_options()
+            if compile not in modes:
+                raise ValueError(f"model.compile={compile!r} is not a torch.compile mode; use "
+                                 f"true, false or one of {sorted(modes)}")
+            # reduce-overhead and max-autotune replay CUDA graphs
+            self._cuda_graphs = bool(modes[compile].get("triton.cudagraphs"))
         self.save_hyperparameters()
         self.model = MoRClassifier(tokenizer, backbone, num_classes, pooling, head_dropout)
         self.num_classes = num_classes
@@ -126,10 +132,6 @@ class MoRModule(L.LightningModule):
         init = self.hparams.init_from
         if init is not None and self.trainer.ckpt_path is None:
             uptrain(self.model, self.backbone, init)
-
-    @property
-    def _cuda_graphs(self) -> bool:
-        return self.hparams.compile == "reduce-overhead"
 
     def forward(self, batch: dict) -> ClassifierOutput:
         if self._cuda_graphs:  # one forward per step: what the last one returned may be reused

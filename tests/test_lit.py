@@ -161,10 +161,14 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_named(trained, mon
         MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile=mode).configure_model()
         assert seen.pop()["mode"] == expected
     # Under CUDA graphs gradients stay allocated (see tests/test_cuda_graphs.py for why).
-    m = MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile="reduce-overhead")
+    for mode in ("reduce-overhead", "max-autotune"):
+        m = MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile=mode)
+        m.on_train_start()
+        m.optimizer_zero_grad(0, 0, torch.optim.SGD(m.parameters(), lr=1.0))
+        assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    m = MoRModule(tok, MoRBackbone(BackboneConfig(dim=96)), num_classes=4, compile=True)
     m.on_train_start()
-    m.optimizer_zero_grad(0, 0, torch.optim.SGD(m.parameters(), lr=1.0))
-    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    assert all(p.grad is None for p in m.backbone.parameters())  # no CUDA graphs: nothing kept
 
 
 def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
