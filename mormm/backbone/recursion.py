@@ -32,13 +32,7 @@ from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.rotary import AxialRotary
 from mormm.backbone.routers import Router
 from mormm.backbone.sharing import sharing_plan
-from mormm.backbone.units import Units
-
-
-def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, N, *F), index (B, K) -> (B, K, *F)."""
-    shape = (*index.shape, *x.shape[2:])
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
+from mormm.backbone.units import Units, gather_rows
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -189,8 +183,8 @@ class MoRBackbone(nn.Module):
                 kept = route.index.shape[1]
                 set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
                              else Units.blocks(kept, units.max_len, units.population))
-                h_in = _gather(h, index)
-                h_rope = None if h_rope is None else _gather(h_rope, index)
+                h_in = gather_rows(h, index)
+                h_rope = None if h_rope is None else gather_rows(h_rope, index)
                 levels.append((h, index))
                 where = index if where is None else where.gather(1, index)
                 keys = None
@@ -301,8 +295,8 @@ class MoRBackbone(nn.Module):
         if not exact and taken is None:
             taken = selected.gather(1, index)
         slot_valid = None if exact else PrefixKeys.of(taken)
-        h_in = _gather(x, index)
-        rope_k = None if rope is None else _gather(rope, index)
+        h_in = gather_rows(x, index)
+        rope_k = None if rope is None else gather_rows(rope, index)
         h = self._run(r, chunk, h_in, rope_k, shared_kv, slot_valid, valid)
         new = self._merge(h_in, h, gate.gather(1, index))
         if slot_valid is not None:  # padding slots write back what they read

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mormm.backbone.units import Units, capacity_count, capacity_counts
+from mormm.backbone.units import Units, capacity_count, capacity_counts, gather_rows
 
 ACTIVATIONS = ("sigmoid", "tanh")
 UNITS = ("token", "segment")
@@ -393,9 +393,7 @@ class TokenChoiceRouter(Router):
         return units.full
 
     def gather_carry(self, carry: Any, index: Tensor) -> Any:
-        if carry is None:
-            return None
-        return carry.gather(1, index[..., None].expand(-1, -1, carry.shape[-1]))
+        return None if carry is None else gather_rows(carry, index)
 
     def _unpack(self, carry: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """logits (B, U, R), reach (B, U, R), gate (B, U), choice (B, U) as a float."""

@@ -32,6 +32,12 @@ def capacity_counts(capacity: float, n: Tensor) -> Tensor:
     return torch.maximum(k, n.clamp(max=1))
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, N, *F), index (B, K) -> (B, K, *F): the rows each sample's index picks."""
+    shape = (*index.shape, *x.shape[2:])
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
+
+
 @dataclass
 class Units:
     segment_ids: Tensor | None  # (B, N) unit of each token; None for tokens and blocks
@@ -149,4 +155,4 @@ class Units:
         B, N = self.segment_ids.shape
         # Each segment's tokens, in sequence order: one sort per forward, at the first gather.
         order = self.segment_ids.argsort(dim=1, stable=True).view(B, self.num_units, L)
-        return order.gather(1, index[..., None].expand(-1, -1, L)).flatten(1)
+        return gather_rows(order, index).flatten(1)
