@@ -3,6 +3,7 @@
 import torch
 
 from encoders.tokens import Tokens
+from mormm.bench.harness import randomize_router  # noqa: F401  (routers start at zero)
 
 
 def random_tokens(B, N, dim, lengths=None, segments=None, seed=0, scale=1.0) -> Tokens:
@@ -36,12 +37,3 @@ def random_tokens(B, N, dim, lengths=None, segments=None, seed=0, scale=1.0) -> 
         num_segments=num_segments,
         max_segment_len=max_len,
     )
-
-
-def randomize_router(model) -> None:
-    """Routers start at zero (every unit scores the same); give their weights a small random
-    spread (std 0.1 / sqrt(fan-in)) so that selections are decided by scores, not by ties."""
-    if model.router is not None:
-        with torch.no_grad():
-            for p in model.router.parameters():
-                p.normal_(0.0, 0.1 * p.shape[-1] ** -0.5)

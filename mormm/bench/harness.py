@@ -114,14 +114,20 @@ def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions:
     elif variant.router == "tc":
         router = TokenChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
     backbone = MoRBackbone(config, router)
-    if router is not None:
-        # Routers start at zero scores (every unit ties; token-choice units would all pick
-        # depth 1). A small random spread stands in for a trained router, whose selections and
-        # token-choice loads are what the timings should see.
-        with torch.no_grad():
-            for p in router.parameters():
-                p.normal_(0.0, 0.1 * p.shape[-1] ** -0.5)
+    # Routers start at zero scores (every unit ties; token-choice units would all pick depth 1).
+    # A small random spread stands in for a trained router, whose selections and token-choice
+    # loads are what the timings should see.
+    randomize_router(backbone)
     return _Bench(backbone)
+
+
+def randomize_router(backbone: MoRBackbone) -> None:
+    """Give the router's weights (zero at initialisation) a small random spread, std
+    0.1 / sqrt(fan-in), so that selections are decided by scores, not by ties."""
+    if backbone.router is not None:
+        with torch.no_grad():
+            for p in backbone.router.parameters():
+                p.normal_(0.0, 0.1 * p.shape[-1] ** -0.5)
 
 
 class _Bench(nn.Module):
