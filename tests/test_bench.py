@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from mormm.bench.harness import SCHEMA
+import pytest
+
+from mormm.bench.harness import SCHEMA, markdown, merge
 from mormm.cli import main
 
 
@@ -29,3 +31,22 @@ def test_harness_writes_json_and_markdown(tmp_path):
     mor = [r for r in result["rows"] if r["variant"] == "mor_ec"]
     assert all(r["flop_bound"] > 1.2 for r in mor)  # capacities 1, 3/4, 1/2, 1/4 skip compute
     assert "| vanilla | eager |" in md and result["env"]["device_name"] in md
+
+
+def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_path, capsys):
+    common = ["bench", "--small", "--device", "cpu", "--shapes", "image", "--variants",
+              "vanilla,mor_ec", "--modes", "eager", "--reps", "1", "--inner", "1", "--warmup", "0",
+              "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main([*common, "--precision", "bf16"])  # training bf16 weights is not what we time
+    assert "--precision bf16 times inference only" in capsys.readouterr().err
+    assert 0 == main([*common, "--precision", "bf16", "--no-train", "--name", "bf16"])
+    assert 0 == main([*common, "--no-train", "--name", "fp32"])
+    merged = merge([str(tmp_path / "bf16.json"), str(tmp_path / "fp32.json")])
+    rows = {(r["variant"], r["precision"]): r for r in merged["rows"]}
+    assert len(rows) == 4
+    for precision in ("bf16", "autocast"):  # each against the vanilla of its own precision
+        vanilla, mor = rows["vanilla", precision], rows["mor_ec", precision]
+        assert vanilla["speedup"] == 1.0
+        assert mor["speedup"] == vanilla["infer_s"] / mor["infer_s"]
+    assert "| mor_ec | eager bf16 |" in markdown(merged)

@@ -96,10 +96,12 @@ class MoRBackbone(nn.Module):
         x = tokens.embeddings
         valid = tokens.valid  # (B, N) or None
         rope = self.rotary(tokens.positions) if self.rotary is not None else None
-        if rope is not None and torch.is_autocast_enabled(x.device.type):
-            # Attention rotates q/k in the autocast dtype; cast once here rather than in every
-            # layer (same numbers, half the bytes gathered and read per layer).
-            rope = rope.to(torch.get_autocast_dtype(x.device.type))
+        if rope is not None:
+            # Attention rotates q/k in the compute dtype (autocast's, else the weights'); cast once
+            # here rather than in every layer (same numbers, half the bytes gathered and read per
+            # layer under bf16).
+            autocast = torch.is_autocast_enabled(x.device.type)
+            rope = rope.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
 
         for i in self.plan.prelude:
             x, _ = self.layers[i](x, rope, valid)

@@ -291,10 +291,14 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
     model = build_model(variant, args.dim, args.heads, args.layers, args.recursions).to(device)
+    if args.precision == "bf16":  # bf16 weights and residual stream (precision bf16-true)
+        model.to(torch.bfloat16)
+        inputs = (inputs[0].to(torch.bfloat16), *inputs[1:])
     row = {
         "shape": shape.name,
         "variant": variant.name,
         "mode": mode,
+        "precision": args.precision,
         "batch": shape.batch,
         "tokens": shape.tokens,
         "params": sum(p.numel() for p in model.parameters()),
@@ -355,9 +359,12 @@ def measure_group(shape: Shape, cases: list[Case], args, device) -> None:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    base = {(r["shape"], r["mode"]): r for r in rows if r["variant"] == "vanilla"}
+    def key(r):
+        return r["shape"], r["mode"], r.get("precision", "autocast")
+
+    base = {key(r): r for r in rows if r["variant"] == "vanilla"}
     for r in rows:
-        v = base.get((r["shape"], r["mode"]))
+        v = base.get(key(r))
         if v is None:
             continue
         r["speedup"] = v["infer_s"] / r["infer_s"]
@@ -381,7 +388,9 @@ def markdown(result: dict) -> str:
         f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; "
         f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
         f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
-        f"{result['model']['capacities']}; {'bf16 autocast' if env['device'] == 'cuda' else 'fp32'}.",
+        f"{result['model']['capacities']}; precision: "
+        f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
+        "mode says bf16 (bf16 weights and activations, inference only).",
         "",
         "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
         "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; kernels = aten "
@@ -401,7 +410,8 @@ def markdown(result: dict) -> str:
         ]
         for r in rows:
             lines.append(
-                f"| {r['variant']} | {r['mode']} | {r['infer_s'] * 1e3:.2f} | {r['clips_per_s']:.0f} "
+                f"| {r['variant']} | {r['mode']}{' bf16' if r.get('precision') == 'bf16' else ''} "
+                f"| {r['infer_s'] * 1e3:.2f} | {r['clips_per_s']:.0f} "
                 f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('flop_bound'), '.2f')} "
                 f"| {_fmt(r.get('bound_fraction'), '.2f')} | {r['flops'] / 1e9:.1f} "
                 f"| {_fmt(r.get('kernels'), 'd')} "
@@ -447,6 +457,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-train", dest="train", action="store_false")
     p.add_argument("--compiled-train", action="store_true",
                    help="also time training steps in non-eager modes (one more compile each)")
+    p.add_argument("--precision", choices=("autocast", "bf16"), default="autocast",
+                   help="autocast: fp32 weights under bf16 autocast (CUDA; the training recipe); "
+                        "bf16: weights and activations cast to bf16 (inference as deployed, "
+                        "Lightning's precision bf16-true); needs --no-train")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--layers", type=int, default=12)
@@ -462,6 +476,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="file stem (default: device name)")
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.precision == "bf16" and args.train:
+        p.error("--precision bf16 times inference only (bf16 weights are not trained with "
+                "AdamW here); add --no-train")
     if args.dim is None:
         args.dim = 32 if args.small else 384
     if args.heads is None:
