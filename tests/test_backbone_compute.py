@@ -184,3 +184,35 @@ def test_sync_checks_catch_host_syncs():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="(?i)data-dependent|graph break|unsupported"):
         torch.compile(Branches(), fullgraph=True, backend="eager")(torch.ones(3))
+
+
+@pytest.mark.parametrize("make_router", [ExpertChoiceRouter, TokenChoiceRouter])
+def test_compiled_inference_casts_each_shared_weight_once(make_router):
+    """Under autocast a compiled graph casts a linear's weight at every use (eager mode caches
+    the cast, a graph does not): a layer shared by three recursions would cast its weights three
+    times per forward, one kernel launch each. The backbone casts its linears once instead,
+    with the same outputs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    casts = []
+
+    def record(gm, example_inputs):
+        inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+        casts.extend(n.args[0] for n in gm.graph.nodes
+                     if n.target == torch.ops.aten._to_copy.default and n.args[0] in inputs)
+        return make_boxed_func(gm.forward)
+
+    model = build(make_router(), R=3)  # one shared layer, three recursions
+    tokens = make_tokens(lengths=None)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(tokens)
+        out = compiled(tokens)
+    linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)
+                  for _ in m.parameters(recurse=False))
+    assert len(set(casts)) > linears  # every linear weight and bias (and the embeddings)
+    assert len(casts) == len(set(casts))  # each once
+    torch.testing.assert_close(out.hidden, ref.hidden, atol=2e-2, rtol=2e-2)
+    assert torch.equal(out.depth, ref.depth)
