@@ -69,17 +69,18 @@ def _check_capacities(capacities: list[float], num_steps: int, owner: str) -> No
 
 
 def _select_top(
-    eligible: Tensor, priority: Tensor, budget: Tensor | None, kept: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    eligible: Tensor, priority: Tensor, budget: Tensor | None, kept: int, mask: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor]:
     """(B, U) bool: the `budget[b]` eligible units of highest priority (kept >= budget; budget
-    None: `kept` of them, as many as are eligible); the (B, kept) indices of the top `kept`
-    units, highest first; and (B, kept) bool, which of those are taken."""
-    masked = priority.masked_fill(~eligible, float("-inf"))
+    None: `kept` of them, as many as are eligible), None unless `mask`; the (B, kept) indices of
+    the top `kept` units, highest first; and (B, kept) bool, which of those are taken."""
+    masked = torch.where(eligible, priority, float("-inf"))  # one kernel (masked_fill(~) two)
     top = masked.topk(kept, dim=-1)  # (B, kept), highest first
     take = top.values > float("-inf")  # eligible ones (one kernel; isfinite launches four)
     if budget is not None:
         take = take & (torch.arange(kept, device=priority.device) < budget[:, None])
-    return torch.zeros_like(eligible).scatter(1, top.indices, take), top.indices, take
+    selected = torch.zeros_like(eligible).scatter(1, top.indices, take) if mask else None
+    return selected, top.indices, take
 
 
 def _check_nonnegative(owner: str, **values: float) -> None:
@@ -452,7 +453,9 @@ class TokenChoiceRouter(Router):
             if not units.full:
                 budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
             eligible = choice >= step if active is None else active & (choice >= step)
-            selected, index, taken = _select_top(eligible, reach[..., step], budget, kept)
+            # The (B, U) mask is for the masked loop; the compact one reads index and taken.
+            selected, index, taken = _select_top(eligible, reach[..., step], budget, kept,
+                                                 mask=not self.compact(units))
         return Route(
             selected=selected,
             gate=gate,
