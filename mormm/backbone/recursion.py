@@ -95,7 +95,7 @@ class MoRBackbone(nn.Module):
     def forward(self, tokens: Tokens) -> BackboneOutput:
         weights = _linears_cast_once(self, tokens.embeddings)
         if weights is not None:  # the call below sees cast weights and takes the normal path
-            return torch.func.functional_call(self, weights, (tokens,), strict=False)
+            return torch.func.functional_call(self, weights, (tokens,))
         x = tokens.embeddings
         valid = tokens.valid  # (B, N) or None
         rope = self.rotary(tokens.positions) if self.rotary is not None else None

@@ -459,8 +459,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also time training steps in non-eager modes (one more compile each)")
     p.add_argument("--precision", choices=("autocast", "bf16"), default="autocast",
                    help="autocast: fp32 weights under bf16 autocast (CUDA; the training recipe); "
-                        "bf16: weights and activations cast to bf16 (inference as deployed, "
-                        "Lightning's precision bf16-true); needs --no-train")
+                        "bf16: weights and activations cast to bf16 (Lightning's precision "
+                        "bf16-true); needs --no-train")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--layers", type=int, default=12)
