@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mormm.backbone.layers import PrefixKeys, _prefix_attention
 from mormm.bench.harness import _timed
 
 SHAPES = [(32, 1176), (32, 784), (32, 392), (128, 147), (128, 49), (64, 909), (64, 303)]
@@ -38,9 +39,8 @@ def one(B: int, K: int) -> dict:
     taken = torch.randint(int(0.8 * K), K + 1, (B,), device="cuda")
     taken[0], taken[1] = K, 0  # a full row and an empty one
     mask = torch.arange(K, device="cuda")[None] < taken[:, None]
-    lengths = torch.stack((taken, K - taken), 1).flatten()
-    cu = F.pad(lengths.cumsum(0), (1, 0)).int()
-    rows = [t.transpose(1, 2).reshape(B * K, HEADS, HEAD_DIM) for t in (q, k, v)]
+    keys = PrefixKeys.of(mask)
+    tokens_first = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # (B, K, H, Dh), as steps
 
     def masked():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None])
@@ -48,11 +48,11 @@ def one(B: int, K: int) -> dict:
     def plain():
         return F.scaled_dot_product_attention(q, k, v)
 
-    def varlen():
-        return torch.ops.aten._flash_attention_forward(*rows, cu, cu, K, K, 0.0, False, False)[0]
+    def varlen():  # what a routed step runs (mormm.backbone.layers)
+        return _prefix_attention(*tokens_first, keys)
 
-    ref = masked().transpose(1, 2).reshape(B * K, HEADS, HEAD_DIM)[mask.flatten()].float()
-    out = varlen()[mask.flatten()].float()
+    ref = masked().transpose(1, 2)[mask].float()
+    out = varlen()[mask].float()
     return {"batch": B, "slots": K, "rel_err": ((out - ref).norm() / ref.norm()).item(),
             **{f"{name}_ms": _ms(fn) for name, fn in
                (("masked", masked), ("plain", plain), ("varlen", varlen))}}
