@@ -69,12 +69,15 @@ def _check_capacities(capacities: list[float], num_steps: int, owner: str) -> No
 
 
 def _select_top(
-    eligible: Tensor, priority: Tensor, budget: Tensor | None, kept: int, mask: bool = True
+    eligible: Tensor | None, priority: Tensor, budget: Tensor | None, kept: int, mask: bool = True
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """(B, U) bool: the `budget[b]` eligible units of highest priority (kept >= budget; budget
     None: `kept` of them, as many as are eligible), None unless `mask`; the (B, kept) indices of
-    the top `kept` units, highest first; and (B, kept) bool, which of those are taken."""
-    masked = torch.where(eligible, priority, float("-inf"))  # one kernel (masked_fill(~) two)
+    the top `kept` units, highest first; and (B, kept) bool, which of those are taken. Units of
+    priority -inf are never eligible; eligible None: all others are."""
+    masked = priority
+    if eligible is not None:
+        masked = torch.where(eligible, priority, float("-inf"))  # one kernel (masked_fill(~) two)
     top = masked.topk(kept, dim=-1)  # (B, kept), highest first
     take = top.values > float("-inf")  # eligible ones (one kernel; isfinite launches four)
     if budget is not None:
@@ -396,6 +399,8 @@ class TokenChoiceRouter(Router):
         # Selection-only bias of loss-free balancing: a buffer, so checkpoints carry it.
         self.register_buffer("depth_bias", torch.zeros(num_steps))
         self.register_buffer("suffix", torch.ones(num_steps, num_steps).tril(), persistent=False)
+        # reaches[i, j]: a unit that chose depth index i takes step j (i >= j), when it fits.
+        self.register_buffer("reaches", self.suffix.bool(), persistent=False)
 
     def compact(self, units: Units) -> bool:
         # Hierarchical: step j picks among the units that took step j - 1 (choice >= j implies
@@ -406,10 +411,10 @@ class TokenChoiceRouter(Router):
     def gather_carry(self, carry: Any, index: Tensor) -> Any:
         return None if carry is None else gather_rows(carry, index)
 
-    def _unpack(self, carry: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """logits (B, U, R), reach (B, U, R), gate (B, U), choice (B, U) as a float."""
+    def _unpack(self, carry: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """logits (B, U, R), priority (B, U, R), gate (B, U)."""
         R = self.num_steps
-        return carry[..., :R], carry[..., R:2 * R], carry[..., 2 * R], carry[..., 2 * R + 1]
+        return carry[..., :R], carry[..., R:2 * R], carry[..., 2 * R]
 
     def _decide(self, hidden: Tensor, units: Units, active: Tensor | None):
         logits = units.pool(_score(self.proj, hidden))  # (B, U, R)
@@ -421,8 +426,11 @@ class TokenChoiceRouter(Router):
         # kernel of 0.29 ms per forward at the H200 video shape); fp32 whatever the autocast.
         with torch.autocast(probs.device.type, enabled=False):
             reach = probs @ self.suffix.to(probs.dtype)  # (B, U, R)
-        # One (B, U, 2R + 2) tensor (see _unpack): a compact backbone gathers it once per step.
-        carry = torch.cat((logits, reach, gate[..., None], choice[..., None].to(gate.dtype)), -1)
+        # Units whose choice stops short of step j rank at -inf there: eligibility for every
+        # step in one `where` here, instead of a comparison and a `where` at each step.
+        priority = torch.where(self.reaches[choice], reach, float("-inf"))
+        # One (B, U, 2R + 1) tensor (see _unpack): a compact backbone gathers it once per step.
+        carry = torch.cat((logits, priority, gate[..., None]), -1)
         losses, stats = {}, {}
         if not self.training:  # balancing is a training concern: nothing to compute here
             return carry, losses, stats
@@ -449,7 +457,7 @@ class TokenChoiceRouter(Router):
         losses, stats = {}, {}
         if carry is None:
             carry, losses, stats = self._decide(hidden, units, active)
-        logits, reach, gate, choice = self._unpack(carry)
+        logits, priority, gate = self._unpack(carry)
         cap = self.step_capacity(step)
         kept = capacity_count(cap, units.population)  # <= the previous step's: capacities fall
         # Only the first step at full capacity is exact: every unit takes it.
@@ -462,10 +470,14 @@ class TokenChoiceRouter(Router):
             budget = None
             if not units.full:
                 budget = capacity_counts(cap, units.counts(active.shape[0], active.device))
-            eligible = choice >= step if active is None else active & (choice >= step)
-            # The (B, U) mask is for the masked loop; the compact one reads index and taken.
-            selected, index, taken = _select_top(eligible, reach[..., step], budget, kept,
-                                                 mask=not self.compact(units))
+            # Units whose choice stops short of this step have priority -inf (see _decide). The
+            # compact loop needs no more: the units of its working set that did not take the
+            # last step chose less depth still. The masked loop also drops those that overflowed
+            # an earlier step (not `active`). Its (B, U) mask is for that loop alone; the compact
+            # one reads index and taken.
+            compact = self.compact(units)
+            selected, index, taken = _select_top(None if compact else active, priority[..., step],
+                                                 budget, kept, mask=not compact)
         return Route(
             selected=selected,
             gate=gate,
