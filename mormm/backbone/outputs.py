@@ -28,23 +28,25 @@ class StepTrace:
     @classmethod
     def compact(
         cls, n: int, competed: Tensor | None, chosen: Tensor | None, logits: Tensor, gate: Tensor,
-        taken: Tensor | None = None,
+        taken: Tensor | None = None, spread: Callable[[Tensor], Tensor] | None = None,
     ) -> StepTrace:
         """competed (B, M) positions of the tokens that competed (None: all n, in order), with
-        their logits and gates (B, M); chosen (B, K) positions of the step's slots (None: all n)
-        and taken (B, K) bool, which of those slots took the step (None: all)."""
+        their logits and gates, per token (B, M) or per unit, which `spread` takes to tokens;
+        chosen (B, K) positions of the step's slots (None: all n) and taken (B, K) bool, which of
+        those slots took the step (None: all)."""
 
         def build() -> tuple:
-            B = logits.shape[0]
+            lg, g = (logits, gate) if spread is None else (spread(logits), spread(gate))
+            B = lg.shape[0]
             if chosen is None:
-                selected = torch.ones(B, n, dtype=torch.bool, device=logits.device)
+                selected = torch.ones(B, n, dtype=torch.bool, device=lg.device)
             else:
-                selected = torch.zeros(B, n, dtype=torch.bool, device=logits.device)
+                selected = torch.zeros(B, n, dtype=torch.bool, device=lg.device)
                 selected = selected.scatter(1, chosen, True if taken is None else taken)
             if competed is None:
-                return selected, logits, gate
-            spread = lambda v: v.new_zeros(B, n).scatter(1, competed, v)  # noqa: E731
-            return selected, spread(logits), spread(gate)
+                return selected, lg, g
+            place = lambda v: v.new_zeros(B, n).scatter(1, competed, v)  # noqa: E731
+            return selected, place(lg), place(g)
 
         trace = cls.__new__(cls)
         trace._maps, trace._build = None, build

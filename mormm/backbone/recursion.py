@@ -175,12 +175,12 @@ class MoRBackbone(nn.Module):
             route = self.router.route(r, h, set_units, live, carry)
             _accumulate(losses, route.losses)
             stats.update(route.stats)
-            gate = set_units.broadcast(route.gate).to(h.dtype)  # (B, M)
-            logits = set_units.broadcast(route.logits)
-            competed, taken = where, None
+            # Gates stay per unit (B, U): merges broadcast them as views, traces on demand.
+            gate = route.gate.to(h.dtype)
+            competed, taken, step_units = where, None, set_units
             if route.index is None:  # every token of the working set takes the step
                 carry = route.carry
-                h = self._merge(h, self._run(r, chunk, h, h_rope, shared_kv), gate)
+                h = self._merge_units(set_units, h, self._run(r, chunk, h, h_rope, shared_kv), gate)
             else:
                 index = set_units.token_index(route.index)  # (B, K) into the working set
                 carry = self.router.gather_carry(route.carry, route.index)
@@ -196,15 +196,17 @@ class MoRBackbone(nn.Module):
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
                     keys = PrefixKeys.of(taken)
-                h = self._merge(h_in, self._run(r, chunk, h_in, h_rope, shared_kv, keys),
-                                gate.gather(1, index))
+                h = self._merge_units(set_units, h_in,
+                                      self._run(r, chunk, h_in, h_rope, shared_kv, keys),
+                                      gate.gather(1, route.index))
                 if taken is not None:  # the other slots write back what they read
                     h = torch.where(taken[..., None], h, h_in)
             if where is None:
                 everyone_steps += 1
             else:
                 chosen.append((where, taken))
-            traces.append(StepTrace.compact(N, competed, where, logits, gate, taken))
+            traces.append(StepTrace.compact(N, competed, where, route.logits, gate, taken,
+                                            step_units.broadcaster()))
 
         grad = torch.is_grad_enabled() and h.requires_grad
         for parent, index in reversed(levels):
@@ -263,6 +265,16 @@ class MoRBackbone(nn.Module):
         if self.config.gate_update == "delta":
             return torch.lerp(inp, out, g)
         return torch.addcmul(inp, g, out)
+
+    def _merge_units(self, units: Units, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
+        """_merge with one gate per unit of `units` (B, U). Whole segments stored one after the
+        other (blocks) take theirs through a (B, U, L, D) view: no gate copied out per token."""
+        if units.is_tokens:
+            return self._merge(inp, out, gate)
+        if units.segment_ids is None:
+            split = lambda t: t.unflatten(1, (units.num_units, units.max_len))  # noqa: E731
+            return self._merge(split(inp), split(out), gate[..., None]).flatten(1, 2)
+        return self._merge(inp, out, units.broadcast(gate))
 
     def _layer(self, i, h, rope, key_valid, valid, step, slot, shared_kv):
         """One shared layer of a recursion step, honouring the KV mode."""

@@ -11,7 +11,9 @@ has static shapes (U is a Python int from the tokenizer), so nothing syncs with 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -36,6 +38,18 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (B, N, *F), index (B, K) -> (B, K, *F): the rows each sample's index picks."""
     shape = (*index.shape, *x.shape[2:])
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
+
+
+def _spread_blocks(u: Tensor, block_len: int) -> Tensor:
+    """(B, U, *F) -> (B, U * block_len, *F): each unit's value on its block of tokens."""
+    return u.unsqueeze(2).expand(-1, -1, block_len, *u.shape[2:]).flatten(1, 2)
+
+
+def _spread_ids(u: Tensor, segment_ids: Tensor) -> Tensor:
+    """(B, U, *F) -> (B, N, *F): each token gets the value of its segment."""
+    B, N = segment_ids.shape
+    extra = u.shape[2:]
+    return u.gather(1, segment_ids.view(B, N, *([1] * len(extra))).expand(B, N, *extra))
 
 
 @dataclass
@@ -132,12 +146,18 @@ class Units:
         """Unit values back to tokens: (B, U, *F) -> (B, N, *F)."""
         if self.is_tokens:
             return u
-        if self.segment_ids is None:  # blocks
-            return u.unsqueeze(2).expand(-1, -1, self.max_len, *u.shape[2:]).flatten(1, 2)
-        B, N = self.segment_ids.shape
-        extra = u.shape[2:]
-        idx = self.segment_ids.view(B, N, *([1] * len(extra))).expand(B, N, *extra)
-        return u.gather(1, idx)
+        if self.segment_ids is None:
+            return _spread_blocks(u, self.max_len)
+        return _spread_ids(u, self.segment_ids)
+
+    def broadcaster(self) -> Callable[[Tensor], Tensor] | None:
+        """`broadcast` as a function of plain values, for results that outlive the forward (a
+        compiled graph can return it; these Units it cannot); None for tokens (identity)."""
+        if self.is_tokens:
+            return None
+        if self.segment_ids is None:
+            return partial(_spread_blocks, block_len=self.max_len)
+        return partial(_spread_ids, segment_ids=self.segment_ids)
 
     def gather_size(self, units_kept: int) -> int:
         """Static bound on tokens in `units_kept` units."""
