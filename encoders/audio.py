@@ -281,4 +281,6 @@ class AudioTokenizer(nn.Module):
             max_segment_len=max_len,
             regions=self.regions(n, f, device=device).expand(B, N, 2, 2),
             axes=("time", "freq"),
+            # Ids rise with time; windows of equal length then lie one after the other.
+            contiguous_segments=num_segments * max_len == N,
         )

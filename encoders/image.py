@@ -98,6 +98,7 @@ class ImageTokenizer(nn.Module):
             padding_mask=None,
             num_segments=N,
             max_segment_len=1,
+            contiguous_segments=True,
             regions=regions.expand(B, N, 2, 2),
             axes=("height", "width"),
         )

@@ -35,6 +35,12 @@ class Tokens:
     regions:         optional (B, N, A, 2) float [start, end) of each token along each input axis in
                      input units (seconds for time, mel bins, pixels), for depth-allocation maps.
     axes:            names of the A axes, e.g. ("time", "freq").
+    contiguous_segments: static: segment u is tokens u * max_segment_len .. (u + 1) *
+                     max_segment_len - 1 of every sample, N = num_segments * max_segment_len. Set
+                     by tokenizers whose layout guarantees it (video time slices, audio windows
+                     of equal length); per-segment routing then treats segments as blocks of
+                     the sequence, without pooling and sorting by id or checking ids on the
+                     device.
     """
 
     embeddings: Tensor
@@ -46,6 +52,7 @@ class Tokens:
     max_segment_len: int = 1
     regions: Tensor | None = None
     axes: tuple[str, ...] = ()
+    contiguous_segments: bool = False
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 3:
@@ -78,6 +85,12 @@ class Tokens:
         if self.num_segments is None:
             # Each token its own segment unless the tokenizer says otherwise.
             self.num_segments = N
+        if self.contiguous_segments and self.num_segments * self.max_segment_len != N:
+            raise ValueError(
+                f"Tokens.contiguous_segments needs N = num_segments x max_segment_len, got N={N}, "
+                f"num_segments={self.num_segments}, max_segment_len={self.max_segment_len}; "
+                f"leave it False unless segment u is tokens u * max_segment_len onwards"
+            )
         if self.axes and len(self.axes) != self.positions.shape[-1]:
             raise ValueError(
                 f"Tokens.axes names {len(self.axes)} axes {self.axes} but positions have "

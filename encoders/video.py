@@ -146,4 +146,5 @@ class VideoTokenizer(nn.Module):
             max_segment_len=max_len,
             regions=self.regions(n, h, w, device=x.device).expand(B, N, 3, 2),
             axes=("time", "height", "width"),
+            contiguous_segments=self.segment != "tube",  # tubes stride across time slices
         )

@@ -67,6 +67,7 @@ class ClassTokenPooling(Pooling):
             modality_ids=torch.cat([tokens.modality_ids[:, :1], tokens.modality_ids], 1),
             padding_mask=None if pad is None else torch.cat([pad.new_zeros(B, 1), pad], 1),
             num_segments=tokens.num_segments + 1,
+            contiguous_segments=False,  # the class token, of the last segment id, comes first
             regions=None if regions is None else torch.cat([regions.new_zeros(B, 1, A, 2), regions], 1),
         )
 

@@ -105,6 +105,7 @@ def _tokens(**changes):
     (dict(modality_ids=torch.zeros(2, 6, dtype=torch.bool)), "modality_ids must hold integer ids"),
     (dict(max_segment_len=0), "max_segment_len"),
     (dict(positions=torch.rand(2, 5, 2)), "positions"),
+    (dict(num_segments=2, max_segment_len=2, contiguous_segments=True), "contiguous_segments"),
 ])
 def test_malformed_tokens_are_rejected(changes, field):
     with pytest.raises(ValueError, match=field):

@@ -231,3 +231,33 @@ def test_compact_segments_in_any_token_order_match_the_masked_loop():
         assert torch.equal(a.depth, b.depth)
         for s, u in zip(a.steps, b.steps):  # whole segments take each step
             assert torch.equal(s.selected, u.selected)
+
+
+@pytest.mark.parametrize("router", ["ec", "tc"])
+def test_contiguous_segments_route_as_blocks_with_the_same_results(router):
+    """Tokens whose segments are runs of max_segment_len tokens (contiguous_segments) are routed
+    as blocks of the sequence, without segment-id bookkeeping: same outputs, depths, traces and
+    gradients as routing the same segments by id."""
+    fast, _ = _models(router, "segment", "recursion", "cycle")
+    by_id = _tokens(False)
+    blocks = dataclasses.replace(by_id, contiguous_segments=True)
+    assert fast._units(blocks).segment_ids is None and fast._units(by_id).segment_ids is not None
+    for train in (False, True):
+        fast.train(train)
+        fast.zero_grad()
+        a = fast(blocks)
+        (a.hidden.square().mean() + a.aux_loss).backward()
+        grads = [p.grad.clone() for p in fast.parameters() if p.grad is not None]
+        fast.zero_grad()
+        b = fast(by_id)
+        (b.hidden.square().mean() + b.aux_loss).backward()
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-6, rtol=1e-6)
+        assert torch.equal(a.depth, b.depth)
+        for sa, sb in zip(a.steps, b.steps, strict=True):
+            assert torch.equal(sa.selected, sb.selected)
+            torch.testing.assert_close(sa.gate, sb.gate)
+            torch.testing.assert_close(sa.logits, sb.logits)
+        torch.testing.assert_close(a.aux_loss, b.aux_loss)
+        for ga, gb in zip(grads, [p.grad for p in fast.parameters() if p.grad is not None],
+                          strict=True):
+            torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)

@@ -145,6 +145,19 @@ def test_time_window_segments(layout):
     assert torch.equal(out.segment_ids[1], seg)  # windows are positional, padding included
 
 
+@pytest.mark.parametrize("segment_seconds,samples,expected", [
+    (None, 40000, True),  # one time step per segment
+    (0.64, 40000, True),  # 4 patch columns per window, 4 windows
+    (0.64, 42000, False),  # the last window is shorter
+    (0.5, 40000, False),  # windows of 3 and 4 patch columns
+])
+def test_contiguous_segments_flag_matches_the_ids(segment_seconds, samples, expected):
+    out = AudioTokenizer(DIM, segment_seconds=segment_seconds)(noise(2, samples))
+    N, L = out.embeddings.shape[1], out.max_segment_len
+    blocks = out.num_segments * L == N and torch.equal(out.segment_ids[0], torch.arange(N) // L)
+    assert out.contiguous_segments == blocks == expected
+
+
 def test_specaugment_only_in_training():
     torch.manual_seed(0)
     x, lengths = noise(2, 16000), torch.tensor([16000, 12000])

@@ -33,6 +33,7 @@ def test_one_sequence_from_both_tokenizers():
     torch.testing.assert_close(out.embeddings[:, Na:], v.embeddings + tok.modality_embed[1])
     assert out.modality_ids[:, :Na].unique().tolist() == [0]
     assert out.modality_ids[:, Na:].unique().tolist() == [1]
+    assert not out.contiguous_segments  # a window's audio tokens and video tokens lie apart
     # padding: the audio mask, video never padded
     assert torch.equal(out.padding_mask[:, :Na], a.padding_mask)
     assert not out.padding_mask[:, Na:].any()

@@ -33,6 +33,10 @@ def test_shapes_counts_and_segments(tubelet, patch, T, H, W, segment):
     assert len(counts) == out.num_segments and counts.min() > 0  # ids fill [0, num_segments)
     assert counts.max() == out.max_segment_len
     assert isinstance(out.num_segments, int) and isinstance(out.max_segment_len, int)
+    # The flag says what the ids do: segment u is the u-th run of max_segment_len tokens.
+    L = out.max_segment_len
+    blocks = out.num_segments * L == N and torch.equal(seg, torch.arange(N) // L)
+    assert out.contiguous_segments == blocks == (segment != "tube")
 
 
 def test_marked_region_maps_back_to_frames_and_pixels():

@@ -87,6 +87,9 @@ class MoRBackbone(nn.Module):
     def _units(self, tokens: Tokens) -> Units:
         N = tokens.embeddings.shape[1]
         if self.router.unit == "segment":
+            if tokens.contiguous_segments and tokens.padding_mask is None:
+                U, L = tokens.num_segments, tokens.max_segment_len
+                return Units.blocks(U, L, U)
             return Units.segments(
                 tokens.segment_ids, tokens.valid, tokens.num_segments, tokens.max_segment_len
             )

@@ -138,7 +138,10 @@ class _Bench(nn.Module):
         self.backbone = backbone
 
     def forward(self, emb: Tensor, pos: Tensor, seg: Tensor, num_segments: int, seg_len: int):
-        tokens = Tokens(emb, pos, seg, torch.zeros_like(seg), None, num_segments, seg_len)
+        # Grid rows as segments, laid out one after the other as tokenizers do (video time
+        # slices, audio windows).
+        tokens = Tokens(emb, pos, seg, torch.zeros_like(seg), None, num_segments, seg_len,
+                        contiguous_segments=True)
         out = self.backbone(tokens)
         return out.hidden, out.aux_loss
 
