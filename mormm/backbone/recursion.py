@@ -32,7 +32,7 @@ from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.rotary import AxialRotary
 from mormm.backbone.routers import Router
 from mormm.backbone.sharing import sharing_plan
-from mormm.backbone.units import Units, gather_rows
+from mormm.backbone.units import Units, gather_blocks, gather_rows, scatter_blocks
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -167,7 +167,7 @@ class MoRBackbone(nn.Module):
         B, N, _ = x.shape
         h, h_rope, where = x, rope, None  # working set, its rotary table, its tokens' positions
         live = None  # (B, M units) the working set's units that took the last step; None: all
-        levels: list[tuple[Tensor, Tensor]] = []  # (parent working set, indices into it)
+        levels: list[tuple[Tensor, Tensor, int]] = []  # (parent working set, its blocks, L)
         chosen: list[tuple[Tensor, Tensor | None]] = []  # per step below N: positions, taken
         everyone_steps = 0
         shared_kv: list = []
@@ -185,16 +185,23 @@ class MoRBackbone(nn.Module):
                 carry = route.carry
                 h = self._merge_units(set_units, h, self._run(r, chunk, h, h_rope, shared_kv), gate)
             else:
-                index = set_units.token_index(route.index)  # (B, K) into the working set
+                # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
+                # for segments found by id (the sequence itself), their tokens one by one.
+                index, L = route.index, set_units.max_len
+                if set_units.segment_ids is not None:
+                    index, L = set_units.token_index(route.index), 1
+                if where is None:  # the kept tokens' positions in the sequence
+                    where = index if L == 1 else set_units.token_index(route.index)
+                else:
+                    where = gather_blocks(where, index, L)
                 carry = self.router.gather_carry(route.carry, route.index)
                 live = route.taken  # None: every unit of the index takes the step
                 kept = route.index.shape[1]
                 set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
                              else Units.blocks(kept, units.max_len, units.population))
-                h_in = gather_rows(h, index)
-                h_rope = None if h_rope is None else gather_rows(h_rope, index)
-                levels.append((h, index))
-                where = index if where is None else where.gather(1, index)
+                h_in = gather_blocks(h, index, L)
+                h_rope = None if h_rope is None else gather_blocks(h_rope, index, L)
+                levels.append((h, index, L))
                 keys = None
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
@@ -212,11 +219,9 @@ class MoRBackbone(nn.Module):
                                             step_units.broadcaster()))
 
         grad = torch.is_grad_enabled() and h.requires_grad
-        for parent, index in reversed(levels):
-            rows = index[..., None].expand_as(h)
+        for parent, index, L in reversed(levels):
             # In place at inference: every parent but the input is this forward's own tensor.
-            inplace = not grad and parent is not given
-            h = parent.scatter_(1, rows, h) if inplace else parent.scatter(1, rows, h)
+            h = scatter_blocks(parent, index, h, L, inplace=not grad and parent is not given)
 
         depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=h.device)
         if chosen:

@@ -40,6 +40,26 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
 
 
+def gather_blocks(x: Tensor, index: Tensor, block_len: int) -> Tensor:
+    """x (B, U * L, *F) as U blocks of L = block_len rows, index (B, K) -> (B, K * L, *F): the
+    blocks each sample's index picks, one gather without an index per token."""
+    if block_len == 1:
+        return gather_rows(x, index)
+    return gather_rows(x.unflatten(1, (-1, block_len)), index).flatten(1, 2)
+
+
+def scatter_blocks(parent: Tensor, index: Tensor, src: Tensor, block_len: int,
+                   inplace: bool) -> Tensor:
+    """The inverse of gather_blocks: src (B, K * L, *F) written to the blocks `index` picks of
+    parent (B, U * L, *F), in place or into a copy."""
+    p, s = parent, src
+    if block_len > 1:
+        p, s = parent.unflatten(1, (-1, block_len)), src.unflatten(1, (-1, block_len))
+    rows = index.view(*index.shape, *([1] * (s.dim() - 2))).expand_as(s)
+    out = p.scatter_(1, rows, s) if inplace else p.scatter(1, rows, s)
+    return out if block_len == 1 else out.flatten(1, 2)
+
+
 def _spread_blocks(u: Tensor, block_len: int) -> Tensor:
     """(B, U, *F) -> (B, U * block_len, *F): each unit's value on its block of tokens."""
     return u.unsqueeze(2).expand(-1, -1, block_len, *u.shape[2:]).flatten(1, 2)
