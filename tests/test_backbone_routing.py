@@ -93,7 +93,7 @@ def test_capacity_rounding_is_exact_for_thirds():
 
 @pytest.mark.parametrize("make", [ExpertChoiceRouter, TokenChoiceRouter])
 def test_routers_score_in_fp32_under_autocast(make):
-    """Under bf16 autocast the router reads the fp32 stream with its fp32 weights: the same
+    """Under bf16 autocast a linear router reads the fp32 stream with its fp32 weights: the same
     logits as without autocast (a bf16 cast of the hidden states would round them)."""
     model = build(make(), R=3)
     units = model._units(make_tokens())

@@ -343,7 +343,8 @@ def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | No
             and not torch.is_grad_enabled()):
         return None
     dtype = torch.get_autocast_dtype(device)
-    # The shared layers' linears only: routers score in fp32 (routers._score).
+    # The shared layers' linears only: a linear router scores in fp32 (routers._score), an MLP
+    # router's layers run once per forward (autocast casts them once either way).
     weights = {
         f"{name}.{key}": p.to(dtype)
         for name, m in module.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)
