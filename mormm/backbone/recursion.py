@@ -157,11 +157,11 @@ class MoRBackbone(nn.Module):
         a dense working set (B, M, D), so a step's router, top-k and gather read only the M
         tokens that compete for it instead of all N; each level of the working set is scattered
         back once, at the end. Gathered segments are stored whole, one after the other
-        (Units.blocks). A step that keeps fewer units than its static bound (token-choice) puts
-        the taken ones first and attends over them alone (PrefixKeys); its other slots pass
-        through unchanged and compete no further. The same function as `_masked`, with fewer
-        bytes and kernels per step (no (B, N) masks and gates, no scatter of the whole sequence
-        per step).
+        (Units.blocks, as contiguous segments are from the start), and move by block index. A
+        step that keeps fewer units than its static bound (token-choice) puts the taken ones
+        first and attends over them alone (PrefixKeys); its other slots pass through unchanged
+        and compete no further. The same function as `_masked`, with fewer bytes and kernels per
+        step (no (B, N) masks and gates, no scatter of the whole sequence per step).
 
         given: the backbone's input embeddings, never written in place."""
         B, N, _ = x.shape
