@@ -189,15 +189,17 @@ def test_prefix_sequences_reproduce_the_key_mask():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen runs on CUDA only")
-@pytest.mark.parametrize("router,unit,padded", [("tc", "token", False), ("ec", "token", True)])
-def test_varlen_steps_match_masked_steps_on_cuda(router, unit, padded, monkeypatch):
+@pytest.mark.parametrize("router,unit,padded,contiguous", [
+    ("tc", "token", False, False), ("ec", "token", True, False), ("tc", "segment", False, True)])
+def test_varlen_steps_match_masked_steps_on_cuda(router, unit, padded, contiguous, monkeypatch):
     """On the GPU (bf16) the varlen path computes what the key-masked path computes (measured
-    on the H200: relative difference 3e-4 in the hidden states, equal depths)."""
+    on the H200: relative difference 3e-4 in the hidden states, equal depths); token-choice
+    over contiguous segments takes it on blocks."""
     import mormm.backbone.layers as layers
 
     fast, _ = _models(router, unit, "recursion", "cycle")
     fast.cuda()
-    t = _tokens(padded)
+    t = dataclasses.replace(_tokens(padded), contiguous_segments=contiguous)
     tokens = dataclasses.replace(
         t, **{f.name: getattr(t, f.name).cuda() for f in dataclasses.fields(t)
               if torch.is_tensor(getattr(t, f.name))})

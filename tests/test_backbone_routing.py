@@ -101,7 +101,10 @@ def test_routers_score_in_fp32_under_autocast(make):
     exact = model.router.route(0, hidden, units, None, None).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scored = model.router.route(0, hidden, units, None, None).logits
+        # bf16 states (a tokenizer run under autocast) are scored as autocast would.
+        low = model.router.route(0, hidden.bfloat16(), units, None, None).logits
     assert scored.dtype == torch.float32 and torch.equal(scored, exact)
+    torch.testing.assert_close(low, exact, atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("pad_segment", ["own", "shared"])

@@ -128,13 +128,14 @@ def _projection(dim: int, mlp_hidden: int | None, out: int) -> nn.Module:
 
 
 def _score(proj: nn.Module, hidden: Tensor) -> Tensor:
-    """Router logits in fp32. A linear router reads the hidden states as they are (the residual
-    stream is fp32 under autocast): autocast would cast the whole (B, N, D) input to bf16 to
-    feed a projection to 1 (expert-choice) or R (token-choice) outputs, a memory-bound product
-    whose input cast (one more kernel, reading 4 and writing 2 bytes per element) costs more
-    than the product itself, and whose bf16 rounding would decide close top-k calls. An MLP
-    router keeps autocast: its first layer is a real matrix product."""
-    if not isinstance(proj, nn.Linear):
+    """Router logits in fp32. A linear router reads fp32 hidden states as they are (the residual
+    stream is fp32 under autocast when the embeddings are): autocast would cast the whole
+    (B, N, D) input to bf16 to feed a projection to 1 (expert-choice) or R (token-choice)
+    outputs, a memory-bound product whose input cast (one more kernel, reading 4 and writing 2
+    bytes per element) costs more than the product itself, and whose bf16 rounding would decide
+    close top-k calls. Hidden states already in bf16 (a tokenizer that ran under autocast) and
+    MLP routers, whose first layer is a real matrix product, keep autocast."""
+    if not isinstance(proj, nn.Linear) or hidden.dtype != proj.weight.dtype:
         return proj(hidden).float()
     with torch.autocast(hidden.device.type, enabled=False):
         return proj(hidden).float()
