@@ -91,6 +91,22 @@ def test_capacity_rounding_is_exact_for_thirds():
     assert [int(s.selected[0].sum()) for s in out.steps] == [9, 6, 3]
 
 
+@pytest.mark.parametrize("make", [ExpertChoiceRouter, TokenChoiceRouter])
+def test_routers_score_in_fp32_under_autocast(make):
+    """Under bf16 autocast a linear router reads the fp32 stream with its fp32 weights: the same
+    logits as without autocast (a bf16 cast of the hidden states would round them)."""
+    model = build(make(), R=3)
+    units = model._units(make_tokens())
+    hidden = torch.randn(4, 16, DIM)
+    exact = model.router.route(0, hidden, units, None, None).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scored = model.router.route(0, hidden, units, None, None).logits
+        # bf16 states (a tokenizer run under autocast) are scored as autocast would.
+        low = model.router.route(0, hidden.bfloat16(), units, None, None).logits
+    assert scored.dtype == torch.float32 and torch.equal(scored, exact)
+    torch.testing.assert_close(low, exact, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("pad_segment", ["own", "shared"])
 @pytest.mark.parametrize("R,caps", [(3, None), (4, [1.0, 0.75, 0.5, 0.25])])
 def test_segment_routing_keeps_segments_whole(R, caps, pad_segment):

@@ -329,8 +329,8 @@ class MoRBackbone(nn.Module):
         return x.scatter(1, index[..., None].expand_as(new), new)
 
 
-def _linears_cast_once(module: nn.Module, x: Tensor) -> dict[str, Tensor] | None:
-    """module's fp32 linear weights and biases cast to the autocast dtype, for compiled inference
+def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | None:
+    """The layers' fp32 linear weights and biases cast to the autocast dtype, for compiled inference
     under autocast; None otherwise. Autocast casts a linear's weight at each use; eager mode
     caches the cast for the autocast region, a compiled graph does not, and inductor does not
     merge the repeats: each shared weight was cast (one kernel launch each) once per recursion
@@ -343,9 +343,11 @@ def _linears_cast_once(module: nn.Module, x: Tensor) -> dict[str, Tensor] | None
             and not torch.is_grad_enabled()):
         return None
     dtype = torch.get_autocast_dtype(device)
+    # The shared layers' linears only: a linear router scores in fp32 (routers._score), an MLP
+    # router's layers run once per forward (autocast casts them once either way).
     weights = {
         f"{name}.{key}": p.to(dtype)
-        for name, m in module.named_modules() if isinstance(m, nn.Linear)
+        for name, m in module.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)
         for key, p in m.named_parameters(recurse=False) if p.dtype == torch.float32
     }
     return weights or None

@@ -127,6 +127,20 @@ def _projection(dim: int, mlp_hidden: int | None, out: int) -> nn.Module:
     return proj
 
 
+def _score(proj: nn.Module, hidden: Tensor) -> Tensor:
+    """Router logits in fp32. A linear router reads fp32 hidden states as they are (the residual
+    stream is fp32 under autocast when the embeddings are): autocast would cast the whole
+    (B, N, D) input to bf16 to feed a projection to 1 (expert-choice) or R (token-choice)
+    outputs, a memory-bound product whose input cast (one more kernel, reading 4 and writing 2
+    bytes per element) costs more than the product itself, and whose bf16 rounding would decide
+    close top-k calls. Hidden states already in bf16 (a tokenizer that ran under autocast) and
+    MLP routers, whose first layer is a real matrix product, keep autocast."""
+    if not isinstance(proj, nn.Linear) or hidden.dtype != proj.weight.dtype:
+        return proj(hidden).float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return proj(hidden).float()
+
+
 class Router(nn.Module):
     """Common plumbing: capacities, units, binding."""
 
@@ -281,7 +295,7 @@ class ExpertChoiceRouter(Router):
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
     ) -> Route:
-        logits = units.pool(self.proj[step](hidden).squeeze(-1).float())  # (B, U)
+        logits = units.pool(_score(self.proj[step], hidden).squeeze(-1))  # (B, U)
         cap = self.capacities[step]
         # Threshold inference decides only where there is something to decide: at capacity 1
         # every active unit takes the step (every token gets at least one recursion).
@@ -407,7 +421,7 @@ class TokenChoiceRouter(Router):
         return carry[..., :R], carry[..., R:2 * R], carry[..., 2 * R]
 
     def _decide(self, hidden: Tensor, units: Units, active: Tensor | None):
-        logits = units.pool(self.proj(hidden).float())  # (B, U, R)
+        logits = units.pool(_score(self.proj, hidden))  # (B, U, R)
         probs = logits.softmax(-1)
         choice = (logits + self.depth_bias).argmax(-1)  # (B, U) in [0, R)
         gate = self.alpha * probs.gather(-1, choice[..., None]).squeeze(-1)
