@@ -38,14 +38,23 @@ def make_tokens(B=2, N=9, A=2, seed=0, padding_mask=None):
     )
 
 
-def test_block_matches_timm_vit_block():
-    ours = Block(DIM, HEADS, mlp_ratio=4.0, qkv_bias=True).eval()
-    ref = TimmBlock(DIM, HEADS, mlp_ratio=4.0, qkv_bias=True).eval()
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_block_matches_timm_vit_block(drop_path):
+    ours = Block(DIM, HEADS, mlp_ratio=4.0, qkv_bias=True, drop_path=drop_path).eval()
+    ref = TimmBlock(DIM, HEADS, mlp_ratio=4.0, qkv_bias=True, drop_path=drop_path).eval()
     randomize(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)  # same parameter names and shapes
     x = torch.randn(3, 11, DIM)
     out, kv = ours(x)
     torch.testing.assert_close(out, ref(x), **TOL)
+    if drop_path:  # training: the same samples dropped from the same random draws
+        ours.train(), ref.train()
+        torch.manual_seed(1)
+        dropped = ours(x)[0]
+        torch.manual_seed(1)
+        torch.testing.assert_close(dropped, ref(x), **TOL)
+        assert not torch.allclose(dropped, out)
+        ours.eval()
     k, v = kv
     assert k.shape == v.shape == (3, HEADS, 11, DIM // HEADS)
     # An all-True key mask is the unmasked computation.

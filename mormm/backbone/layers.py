@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mormm.backbone.rotary import apply_rotary
@@ -115,6 +115,20 @@ class Attention(nn.Module):
         return self._out(o)
 
 
+class FeedForward(nn.Module):
+    """fc2(gelu(fc1(x))): timm's `Mlp` with its parameter names, without its two p = 0 dropouts
+    and identity norm. Those are three module calls per layer that compute nothing but cost host
+    time, and an eager forward on short inputs is bound by the host (benchmarks/README.md)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 class Block(nn.Module):
     """x + attn(norm1(x)); x + mlp(norm2(x))."""
 
@@ -130,8 +144,9 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        # None without stochastic depth: no identity module to call twice per layer.
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def forward(
         self,
@@ -147,6 +162,8 @@ class Block(nn.Module):
             a, kv_out = self.attn(h, rope, key_valid)
         else:
             a, kv_out = self.attn.attend_to(h, rope, kv, key_valid), None
+        if self.drop_path is None:
+            x = x + a
+            return x + self.mlp(self.norm2(x)), kv_out
         x = x + self.drop_path(a)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, kv_out
+        return x + self.drop_path(self.mlp(self.norm2(x))), kv_out
