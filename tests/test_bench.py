@@ -21,11 +21,12 @@ def test_harness_writes_json_and_markdown(tmp_path):
     assert not result["errors"]
     assert len(result["rows"]) == 2 * 3
     for row in result["rows"]:
-        for key in ("shape", "variant", "mode", "batch", "tokens", "flops", "infer_s",
+        for key in ("shape", "variant", "mode", "batch", "tokens", "flops", "infer_s", "host_s",
                     "clips_per_s", "train_s", "speedup", "flop_bound", "bound_fraction", "kernels",
                     "train_time_ratio"):
             assert key in row, key
-        assert row["flops"] > 0 and row["infer_s"] > 0
+        assert row["flops"] > 0 and row["infer_s"] > 0 and row["host_s"] > 0
+        assert f"| {row['host_s'] * 1e3:.2f} |" in md
     vanilla = [r for r in result["rows"] if r["variant"] == "vanilla"]
     assert all(r["speedup"] == 1.0 and r["flop_bound"] == 1.0 for r in vanilla)
     mor = [r for r in result["rows"] if r["variant"] == "mor_ec"]

@@ -208,6 +208,23 @@ def _time_alternating(fns: list, device: torch.device, warmup: int, reps: int,
     return [statistics.median(t) for t in times]
 
 
+def _host_times(fns: list, device: torch.device, reps: int) -> list[float]:
+    """Median seconds the host takes to issue one call of each fn, from an idle device: its
+    Python, dispatch and kernel launches. The fns run a batch of one: with large kernels the
+    device's launch queue fills and blocks the host (an eager vanilla video forward took 16 ms to
+    issue at batch 32 on the H200), which would measure the device, not the host."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for t, fn in zip(times, fns):
+            fn()  # re-warm after the switch, as in _time_alternating
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+            _sync(device)
+    return [statistics.median(t) for t in times]
+
+
 def _peak(fn, device: torch.device, base: int) -> float | None:
     """Peak allocated GiB while running fn once, over `base` bytes allocated before this case was
     built (CUDA only): the case's own weights, optimizer state and activations, not those of the
@@ -287,6 +304,7 @@ class Case:
     model: nn.Module
     infer: Callable[[], object]  # eval mode
     step: Callable[[], None] | None  # train mode
+    host: Callable[[], object] | None = None  # eval mode on a batch of one (eager only)
 
 
 def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> Case:
@@ -316,6 +334,14 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
         with torch.no_grad(), _autocast(device, cache=mode != "graphed"):
             return fn_model(*inputs)
 
+    host = None
+    if mode == "eager":  # the same forward on one clip: its host cost, without device back-pressure
+        one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+
+        def host():
+            with torch.no_grad(), _autocast(device):
+                return fn_model(*one)
+
     if mode == "graphed":  # eager kernels, launched as one CUDA graph (inference only)
         infer = _graph(infer, device)
     infer()
@@ -338,7 +364,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
 
         step()  # compile + optimizer state, outside the peak measurement
         row["train_peak_gib"] = _peak(step, device, base)
-    return Case(row, model, infer, step)
+    return Case(row, model, infer, step, host)
 
 
 def measure_group(shape: Shape, cases: list[Case], args, device) -> None:
@@ -349,6 +375,9 @@ def measure_group(shape: Shape, cases: list[Case], args, device) -> None:
                                                 args.reps, args.inner)):
         case.row["infer_s"] = t
         case.row["clips_per_s"] = shape.batch / t
+    timed = [c for c in cases if c.host is not None]
+    for case, t in zip(timed, _host_times([c.host for c in timed], device, args.reps)):
+        case.row["host_s"] = t
     trained = [c for c in cases if c.step is not None]
     for case in trained:
         case.model.train()
@@ -396,9 +425,10 @@ def markdown(result: dict) -> str:
         "mode says bf16 (bf16 weights and activations, inference only).",
         "",
         "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
-        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; kernels = aten "
-        "ops that launch work in one eager forward (host cost per forward); train and mem = "
-        "training step time and peak memory over vanilla's.",
+        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; host ms = the "
+        "host's time to issue one eager forward (timed at batch 1; near infer ms, the row is "
+        "host-bound and follows the host's speed); kernels = aten ops that launch work in one "
+        "eager forward; train and mem = training step time and peak memory over vanilla's.",
         "",
     ]
     for shape in result["shapes"]:
@@ -408,13 +438,14 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {shape['name']}: batch {shape['batch']} x {shape['tokens']} tokens ({shape['note']})",
             "",
-            "| variant | mode | infer ms | clips/s | speedup | bound | frac | GFLOP | kernels | train ms | train | peak GiB | mem |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | mode | infer ms | host ms | clips/s | speedup | bound | frac | GFLOP | kernels | train ms | train | peak GiB | mem |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['variant']} | {r['mode']}{' bf16' if r.get('precision') == 'bf16' else ''} "
-                f"| {r['infer_s'] * 1e3:.2f} | {r['clips_per_s']:.0f} "
+                f"| {r['infer_s'] * 1e3:.2f} "
+                f"| {_fmt(r.get('host_s') and r['host_s'] * 1e3, '.2f')} | {r['clips_per_s']:.0f} "
                 f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('flop_bound'), '.2f')} "
                 f"| {_fmt(r.get('bound_fraction'), '.2f')} | {r['flops'] / 1e9:.1f} "
                 f"| {_fmt(r.get('kernels'), 'd')} "
