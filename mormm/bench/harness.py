@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -330,17 +331,14 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
 
     model.eval()
 
-    def infer():
+    def forward(batch: tuple):
         with torch.no_grad(), _autocast(device, cache=mode != "graphed"):
-            return fn_model(*inputs)
+            return fn_model(*batch)
 
+    infer = partial(forward, inputs)
     host = None
     if mode == "eager":  # the same forward on one clip: its host cost, without device back-pressure
-        one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
-
-        def host():
-            with torch.no_grad(), _autocast(device):
-                return fn_model(*one)
+        host = partial(forward, tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs))
 
     if mode == "graphed":  # eager kernels, launched as one CUDA graph (inference only)
         infer = _graph(infer, device)
