@@ -1,8 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (mormm/backbone/fused.py) run in Triton's interpreter, so every
+# inference test here also runs them against what the unfused ops would give. It must be on
+# before Triton is imported (by lightning, below the tests' imports).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

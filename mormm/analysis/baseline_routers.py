@@ -49,8 +49,9 @@ class BaselineRouter(Router):
         with the selected units first (what the backbone's masked steps lay out)."""
         raise NotImplementedError
 
-    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any) -> Route:
-        learned = self.learned.route(step, hidden, units, active, carry)
+    def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any,
+              scores: Tensor | None = None) -> Route:
+        learned = self.learned.route(step, hidden, units, active, carry, scores)
         cap = self.capacities[step]  # nominal capacity (a token-choice capacity_factor is slack)
         kept = capacity_count(cap, units.num_units)
         existing = units.counts(active.shape[0], active.device)

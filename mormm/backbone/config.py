@@ -33,6 +33,10 @@ class BackboneConfig:
                     "delta" gives h + g * (f(h) - h) (only the block's change is gated);
                     "output" gives h + g * f(h), as in the official MoR code, where f(h) carries
                     its own residual. Ignored without a router (plain recursion: h <- f(h)).
+    fused_merge:    at inference on CUDA, end each routed step in one Triton kernel (the last
+                    residual add, the gated update and the next router's scores; fused.py)
+                    instead of three passes over the step's rows. Same numbers up to fp32
+                    rounding of the scores; False keeps the unfused ops.
     """
 
     dim: int = 192
@@ -47,6 +51,7 @@ class BackboneConfig:
     kv_mode: str = "recursion"
     drop_path: float = 0.0
     gate_update: str = "delta"
+    fused_merge: bool = True
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.num_heads <= 0:

@@ -154,9 +154,12 @@ class Block(nn.Module):
         rope: Rope = None,
         key_valid: KeyValid = None,
         kv: KV | None = None,
-    ) -> tuple[Tensor, KV | None]:
+        split: bool = False,
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], KV | None]:
         """Returns the new hidden states and the keys/values this call computed (None when it
-        attended to the given `kv` instead)."""
+        attended to the given `kv` instead). split: the hidden states as their two terms, the
+        stream after attention and the MLP's output, for a caller that fuses their sum with what
+        it does next (MoRBackbone's merge)."""
         h = self.norm1(x)
         if kv is None:
             a, kv_out = self.attn(h, rope, key_valid)
@@ -164,6 +167,8 @@ class Block(nn.Module):
             a, kv_out = self.attn.attend_to(h, rope, kv, key_valid), None
         if self.drop_path is None:
             x = x + a
-            return x + self.mlp(self.norm2(x)), kv_out
-        x = x + self.drop_path(a)
-        return x + self.drop_path(self.mlp(self.norm2(x))), kv_out
+            m = self.mlp(self.norm2(x))
+        else:
+            x = x + self.drop_path(a)
+            m = self.drop_path(self.mlp(self.norm2(x)))
+        return ((x, m) if split else x + m), kv_out

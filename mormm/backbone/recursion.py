@@ -26,6 +26,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from encoders.tokens import Tokens
+from mormm.backbone import fused
 from mormm.backbone.config import BackboneConfig
 from mormm.backbone.layers import Block, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
@@ -172,10 +173,13 @@ class MoRBackbone(nn.Module):
         everyone_steps = 0
         shared_kv: list = []
         traces: list[StepTrace] = []
-        carry = None
+        carry = scores = None
         set_units = units  # the working set's units
+        fuse = self._fuses(x)
         for r, chunk in enumerate(self.plan.steps):
-            route = self.router.route(r, h, set_units, live, carry)
+            route = self.router.route(r, h, set_units, live, carry, scores)
+            # The next router's weight, when its scores can come out of this step's merge.
+            nxt = self.router.score_weight(r + 1) if fuse and r + 1 < len(self.plan.steps) else None
             _accumulate(losses, route.losses)
             stats.update(route.stats)
             # Gates stay per unit (B, U): merges broadcast them as views, traces on demand.
@@ -183,7 +187,8 @@ class MoRBackbone(nn.Module):
             competed, taken, step_units = where, None, set_units
             if route.index is None:  # every token of the working set takes the step
                 carry = route.carry
-                h = self._merge_units(set_units, h, self._run(r, chunk, h, h_rope, shared_kv), gate)
+                h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
+                                         fuse, nxt)
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
                 # for segments found by id (the sequence itself), their tokens one by one.
@@ -206,10 +211,10 @@ class MoRBackbone(nn.Module):
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
                     keys = PrefixKeys.of(taken)
-                h = self._merge_units(set_units, h_in,
-                                      self._run(r, chunk, h_in, h_rope, shared_kv, keys),
-                                      gate.gather(1, route.index))
-                if taken is not None:  # the other slots write back what they read
+                # Slots that did not take the step write back what they read (no fused merge).
+                h, scores = self._update(r, chunk, set_units, h_in, h_rope, shared_kv, keys,
+                                         gate.gather(1, route.index), fuse and taken is None, nxt)
+                if taken is not None:
                     h = torch.where(taken[..., None], h, h_in)
             if where is None:
                 everyone_steps += 1
@@ -259,12 +264,33 @@ class MoRBackbone(nn.Module):
             traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
         return x, traces
 
-    def _run(self, r, chunk, h, rope, shared_kv, key_valid=None, valid=None):
+    def _run(self, r, chunk, h, rope, shared_kv, key_valid=None, valid=None, split=False):
         """Step r's shared layers on h. key_valid: the keys h's tokens may attend to (None: all of
-        them); valid: the sequence's valid tokens, for the keys of recursive KV sharing."""
+        them); valid: the sequence's valid tokens, for the keys of recursive KV sharing; split:
+        return the last layer's output as its two terms (Block.forward)."""
         for j, i in enumerate(chunk):
-            h, _ = self._layer(i, h, rope, key_valid, valid, r, j, shared_kv)
+            h, _ = self._layer(i, h, rope, key_valid, valid, r, j, shared_kv,
+                               split and j == len(chunk) - 1)
         return h
+
+    def _fuses(self, x: Tensor) -> bool:
+        """Whether this forward's routed steps end in fused.merge_rows: inference (the kernel
+        has no backward), eager (a compiled graph fuses these ops itself), a device it runs on,
+        and no dispatch mode watching the ops (a FLOP or launch counter then sees the unfused
+        ops, which do the same work; the kernel would be invisible to it)."""
+        return (self.config.fused_merge and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and fused.runs_on(x)
+                and torch._C._len_torch_dispatch_stack() == 0)
+
+    def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate, fuse, nxt):
+        """Step r's layers on the working set h and its gated update (gate per unit of `units`);
+        returns the new h and, with `fuse` and the next router's weight `nxt`, its scores
+        (else None). With `fuse` the last residual add, the update and the scores run as one
+        kernel; segments found by id (not whole blocks) take the unfused ops."""
+        if not fuse or units.segment_ids is not None:
+            return self._merge_units(units, h, self._run(r, chunk, h, rope, shared_kv, keys), gate), None
+        x1, m = self._run(r, chunk, h, rope, shared_kv, keys, split=True)
+        return fused.merge_rows(h, x1, m, gate, self.config.gate_update == "delta", nxt)
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
         """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
@@ -284,13 +310,13 @@ class MoRBackbone(nn.Module):
             return self._merge(split(inp), split(out), gate[..., None]).flatten(1, 2)
         return self._merge(inp, out, units.broadcast(gate))
 
-    def _layer(self, i, h, rope, key_valid, valid, step, slot, shared_kv):
+    def _layer(self, i, h, rope, key_valid, valid, step, slot, shared_kv, split=False):
         """One shared layer of a recursion step, honouring the KV mode."""
         if self.config.kv_mode == "shared" and step > 0:
             # Recursive KV sharing: attend to the first recursion's keys/values of every valid
             # token; only the query projection runs here.
-            return self.layers[i](h, rope, valid, kv=shared_kv[slot])
-        h, kv = self.layers[i](h, rope, key_valid)
+            return self.layers[i](h, rope, valid, kv=shared_kv[slot], split=split)
+        h, kv = self.layers[i](h, rope, key_valid, split=split)
         if self.config.kv_mode == "shared" and step == 0:
             shared_kv.append(kv)
         return h, kv

@@ -187,11 +187,19 @@ class Router(nn.Module):
         backbone that goes on with those units only (compact working set)."""
         return carry
 
+    def score_weight(self, step: int) -> Tensor | None:
+        """(D,) weight when the step's token scores are a bias-free linear map of the hidden
+        states, which the backbone may compute while it writes those states (fused.py) and pass
+        to `route` as `scores`; None otherwise (the router scores them itself)."""
+        return None
+
     def route(
-        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
+        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
+        scores: Tensor | None = None,
     ) -> Route:
         """hidden (B, N, D) states of the units' tokens; active (B, U) units still in play, or
-        None when every unit is."""
+        None when every unit is; scores (B, N) fp32 hidden @ score_weight(step), or None (only
+        given where score_weight(step) is not None)."""
         raise NotImplementedError
 
     def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
@@ -292,10 +300,17 @@ class ExpertChoiceRouter(Router):
         threshold = self.inference == "threshold" and not self.training
         return units.full and not threshold
 
+    def score_weight(self, step: int) -> Tensor | None:
+        proj = self.proj[step]
+        return proj.weight[0] if isinstance(proj, nn.Linear) else None
+
     def route(
-        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
+        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
+        scores: Tensor | None = None,
     ) -> Route:
-        logits = units.pool(_score(self.proj[step], hidden).squeeze(-1))  # (B, U)
+        if scores is None:
+            scores = _score(self.proj[step], hidden).squeeze(-1)
+        logits = units.pool(scores)  # (B, U)
         cap = self.capacities[step]
         # Threshold inference decides only where there is something to decide: at capacity 1
         # every active unit takes the step (every token gets at least one recursion).
@@ -456,7 +471,8 @@ class TokenChoiceRouter(Router):
         return min(1.0, self.capacities[step] * self.capacity_factor)
 
     def route(
-        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any
+        self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
+        scores: Tensor | None = None,
     ) -> Route:
         losses, stats = {}, {}
         if carry is None:

@@ -100,7 +100,8 @@ VARIANTS = {
 CAPACITIES = [1.0, 0.75, 0.5, 0.25]
 
 
-def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions: int) -> nn.Module:
+def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions: int,
+                fused_merge: bool = True) -> nn.Module:
     config = BackboneConfig(
         dim=dim,
         num_heads=heads,
@@ -108,6 +109,7 @@ def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions:
         num_recursions=recursions,
         sharing=variant.sharing,
         kv_mode=variant.kv_mode,
+        fused_merge=fused_merge,
     )
     router = None
     if variant.router == "ec":
@@ -312,7 +314,8 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
     """Build, count (FLOPs, kernels), compile or capture, and measure peak memory of one case."""
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
-    model = build_model(variant, args.dim, args.heads, args.layers, args.recursions).to(device)
+    model = build_model(variant, args.dim, args.heads, args.layers, args.recursions,
+                        args.fused_merge).to(device)
     if args.precision == "bf16":  # bf16 weights and residual stream (precision bf16-true)
         model.to(torch.bfloat16)
         inputs = (inputs[0].to(torch.bfloat16), *inputs[1:])
@@ -418,7 +421,8 @@ def markdown(result: dict) -> str:
         f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; "
         f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
         f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
-        f"{result['model']['capacities']}; precision: "
+        f"{result['model']['capacities']}"
+        f"{'' if result['model'].get('fused_merge', True) else ', unfused step merges'}; precision: "
         f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
         "mode says bf16 (bf16 weights and activations, inference only).",
         "",
@@ -493,6 +497,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="autocast: fp32 weights under bf16 autocast (CUDA; the training recipe); "
                         "bf16: weights and activations cast to bf16 (Lightning's precision "
                         "bf16-true); needs --no-train")
+    p.add_argument("--no-fused-merge", dest="fused_merge", action="store_false",
+                   help="routed steps end in the unfused ops (BackboneConfig.fused_merge)")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--layers", type=int, default=12)
@@ -579,6 +585,7 @@ def run(args: argparse.Namespace) -> dict:
             "layers": args.layers,
             "recursions": args.recursions,
             "capacities": CAPACITIES[: args.recursions],
+            "fused_merge": args.fused_merge,
         },
         "shapes": [asdict(s) | {"tokens": s.tokens} for s in table.values()
                    if s.name in args.shapes.split(",")],

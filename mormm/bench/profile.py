@@ -1,6 +1,6 @@
 """Kernel-time breakdown of one benchmark row (torch.profiler), to find where a variant's time goes.
 
-    python -m mormm.bench.profile --shape video --variants vanilla,mor_ec [--train]
+    python -m mormm.bench.profile --shape video --variants vanilla,mor_ec [--train] [--compiled]
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="vanilla,mor_ec")
     p.add_argument("--train", action="store_true")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--compiled", action="store_true", help="profile the torch.compile'd model")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device("cuda")
     shape = SHAPES[args.shape]
     for name in args.variants.split(","):
         model = build_model(VARIANTS[name], 384, 6, 12, 4).to(device)
+        run = torch.compile(model) if args.compiled else model
         inputs = make_inputs(shape, 384, device)
         model.train(args.train)
         opt = torch.optim.AdamW(model.parameters(), fused=True)
 
         def once():
             with torch.set_grad_enabled(args.train), _autocast(device):
-                hidden, aux = model(*inputs)
+                hidden, aux = run(*inputs)
                 loss = hidden.float().square().mean() + aux
             if args.train:
                 loss.backward()
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(3):
                 once()
             torch.cuda.synchronize()
-        print(f"== {shape.name} {name} {'train' if args.train else 'infer'} (3 iterations)")
+        mode = "compiled" if args.compiled else "eager"
+        print(f"== {shape.name} {name} {mode} {'train' if args.train else 'infer'} (3 iterations)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top,
                                         max_name_column_width=60))
 

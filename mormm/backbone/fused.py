@@ -1,0 +1,89 @@
+"""The end of a routed recursion step as one Triton kernel (inference).
+
+Dimension legend:
+    R rows (tokens of a step's working set, flattened over the batch), D width
+
+Unfused, a step ends in three passes over its rows: the last layer's residual add (x1 + mlp),
+the gated update (a lerp with the step's input) and the next step's router product, each
+reading the fp32 rows again. `merge_rows` does all three in one pass: it reads the step input,
+x1 and the MLP output once, writes the updated rows and, given the next router's weight, their
+scores. Its arithmetic is the unfused ops' (torch.lerp's two-sided formula, fp32 throughout), so
+only the order of the score's sum differs (fp32 rounding).
+
+The kernel runs on CUDA tensors, and on CPU tensors in a process that runs Triton's interpreter
+(TRITON_INTERPRET=1 before Triton is imported: slow, for the tests that check it against the
+unfused path).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with torch's CUDA wheels; without it the unfused path runs
+    triton = None
+
+ROWS = 4  # rows per program: D = 384 fp32 -> 4 x 512 lanes, enough bytes in flight per program
+
+
+def runs_on(x: Tensor) -> bool:
+    """Whether merge_rows can take x's device."""
+    if triton is None:
+        return False
+    return x.is_cuda or triton.knobs.runtime.interpret
+
+
+def _merge_rows(inp, x1, mlp, gate, weight, out, score, R, D, rows_per_gate,
+                DELTA: tl.constexpr, SCORE: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    ok = row_ok[:, None] & (cols < D)[None, :]
+    at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    h = tl.load(inp + at, mask=ok, other=0.0).to(tl.float32)
+    f = (tl.load(x1 + at, mask=ok, other=0.0).to(tl.float32)
+         + tl.load(mlp + at, mask=ok, other=0.0).to(tl.float32))
+    g = tl.load(gate + rows // rows_per_gate, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if DELTA:  # torch.lerp(h, f, g), its formula for either side of g = 1/2
+        d = f - h
+        new = tl.where(g < 0.5, h + g * d, f - d * (1.0 - g))
+    else:  # h + g f
+        new = h + g * f
+    new = new.to(out.dtype.element_ty)
+    tl.store(out + at, new, mask=ok)
+    if SCORE:  # the next router's product with the rows as stored
+        w = tl.load(weight + cols, mask=cols < D, other=0.0).to(tl.float32)
+        tl.store(score + rows, tl.sum(new.to(tl.float32) * w[None, :], axis=1), mask=row_ok)
+
+
+if triton is not None:
+    _merge_rows = triton.jit(_merge_rows)
+
+
+def merge_rows(inp: Tensor, x1: Tensor, mlp: Tensor, gate: Tensor, delta: bool,
+               weight: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The gated update of a step's rows from its last layer's two residual terms.
+
+    inp: (B, K, D) the step's input; x1, mlp: (B, K, D) the last layer's stream after attention
+    and its MLP output (the layer's output is their sum); gate: (B, G) one gate per K / G
+    consecutive rows (per token, or per segment of K / G tokens); delta: inp + g (f - inp) if
+    True, else inp + g f, with f = x1 + mlp; weight: (D,) the next router's weight, or None.
+    Returns the updated rows (B, K, D) in inp's dtype and their fp32 scores (B, K) (None
+    without weight)."""
+    B, K, D = inp.shape
+    R = B * K
+    # Row-major buffers throughout: the kernel addresses rows as row * D (an input may be a
+    # transposed view, e.g. a patch embedding's output; empty_like would copy its strides).
+    inp, x1, mlp, gate = inp.contiguous(), x1.contiguous(), mlp.contiguous(), gate.contiguous()
+    out = torch.empty(B, K, D, dtype=inp.dtype, device=inp.device)
+    score = None if weight is None else torch.empty(B, K, dtype=torch.float32, device=inp.device)
+    _merge_rows[(triton.cdiv(R, ROWS),)](
+        inp, x1, mlp, gate, out if weight is None else weight.contiguous(), out,
+        out if score is None else score, R, D, R // gate.numel(),
+        DELTA=delta, SCORE=weight is not None, ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D),
+    )
+    return out, score

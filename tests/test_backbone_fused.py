@@ -1,0 +1,147 @@
+"""The fused end of a routed step (mormm/backbone/fused.py) computes what the unfused ops do.
+
+On a GPU the tests run the compiled kernel; without one, Triton's interpreter runs the same
+program (tests/conftest.py). The last test checks the compiled kernel under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import random_tokens, randomize_router
+from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone import fused
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_kernel = pytest.mark.skipif(not fused.runs_on(torch.empty(0, device=DEVICE)),
+                                  reason="needs Triton (CUDA, or its interpreter on the CPU)")
+
+
+def _to(tokens, device=DEVICE):
+    return tokens.replace(**{f.name: getattr(tokens, f.name).to(device)
+                             for f in dataclasses.fields(tokens)
+                             if isinstance(getattr(tokens, f.name), torch.Tensor)})
+
+
+@needs_kernel
+@pytest.mark.parametrize("delta", [True, False])
+@pytest.mark.parametrize("per", [1, 3])  # one gate per row (tokens), per 3 rows (segments)
+@pytest.mark.parametrize("mlp_dtype", [torch.float32, torch.bfloat16])
+def test_merge_rows_matches_the_unfused_ops(delta, per, mlp_dtype):
+    g = torch.Generator().manual_seed(0)
+    B, K, D = 3, 9, 24  # 27 rows: not a multiple of the rows per program; D not a power of 2
+    inp, x1 = torch.randn(B, K, D, generator=g), torch.randn(B, K, D, generator=g)
+    mlp = torch.randn(B, K, D, generator=g).to(mlp_dtype)
+    # Gates on both sides of 1/2, where torch.lerp switches formula.
+    gate = torch.rand(B, K // per, generator=g)
+    weight = torch.randn(D, generator=g)
+    inp, x1, mlp, gate, weight = (t.to(DEVICE) for t in (inp, x1, mlp, gate, weight))
+
+    out, score = fused.merge_rows(inp, x1, mlp, gate, delta, weight)
+    f = x1 + mlp
+    g_rows = gate.repeat_interleave(per, 1)[..., None]
+    ref = torch.lerp(inp, f, g_rows) if delta else torch.addcmul(inp, g_rows, f)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(score, ref @ weight, rtol=1e-5, atol=1e-5)
+    out2, none = fused.merge_rows(inp, x1, mlp, gate, delta)
+    assert none is None and torch.equal(out2, out)
+    # A transposed view (a patch embedding's output often is one) reads as what it shows.
+    out3, _ = fused.merge_rows(inp.transpose(1, 2).contiguous().transpose(1, 2), x1, mlp, gate,
+                               delta)
+    assert torch.equal(out3, out)
+
+
+def _pair(router_cls, unit="token", **cfg):
+    config = BackboneConfig(dim=32, num_heads=2, num_layers=8, num_recursions=4, sharing="cycle",
+                            **cfg)
+    caps = [1.0, 0.75, 0.5, 0.25]
+    torch.manual_seed(0)
+    on = MoRBackbone(config, router_cls(caps, unit=unit)).eval()
+    randomize_router(on)
+    off = MoRBackbone(dataclasses.replace(config, fused_merge=False), router_cls(caps, unit=unit))
+    off.load_state_dict(on.state_dict())
+    return on.to(DEVICE), off.eval().to(DEVICE)
+
+
+def _spy(monkeypatch):
+    calls = []
+    merge = fused.merge_rows
+
+    def spy(inp, x1, mlp, gate, delta, weight=None):
+        calls.append(weight is not None)
+        return merge(inp, x1, mlp, gate, delta, weight)
+
+    monkeypatch.setattr(fused, "merge_rows", spy)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("router_cls, segments, cfg, scored", [
+    (ExpertChoiceRouter, None, {}, [True, True, True, False]),
+    # Contiguous segments of 4 tokens: whole blocks at every step, one gate per 4 rows.
+    (ExpertChoiceRouter, "blocks", {}, [True, True, True, False]),
+    # Segments found by id: the first step (over the sequence) takes the unfused ops, the later
+    # ones (the gathered blocks) the kernel.
+    (ExpertChoiceRouter, "ids", {}, [True, True, False]),
+    (ExpertChoiceRouter, None, {"kv_mode": "shared"}, [True, True, True, False]),
+    (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False]),
+    # Token-choice: only its first step (everyone takes it) has no padding slots to keep; its
+    # router decides every step up front, so no scores are fused.
+    (TokenChoiceRouter, None, {}, [False]),
+])
+def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, scored):
+    """Same hidden states, depths and step traces as the unfused ops; the kernel really ran, and
+    handed its scores to every later expert-choice step."""
+    on, off = _pair(router_cls, "token" if segments is None else "segment", **cfg)
+    tokens = _to(random_tokens(2, 24, 32, segments=None if segments is None else 4))
+    if segments == "blocks":
+        tokens = tokens.replace(contiguous_segments=True)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        a, b = on(tokens), off(tokens)
+    assert calls == scored
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.depth, b.depth)
+    for sa, sb in zip(a.steps, b.steps):
+        assert torch.equal(sa.selected, sb.selected)
+        torch.testing.assert_close(sa.logits, sb.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sa.gate, sb.gate, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_fused_merge_only_where_it_applies(monkeypatch):
+    """Not in training (no backward), not when switched off, not under a FLOP or launch counter
+    (the kernel would be invisible to it), not over padded clips (masked loop)."""
+    on, off = _pair(ExpertChoiceRouter)
+    calls = _spy(monkeypatch)
+    tokens = _to(random_tokens(2, 24, 32))
+    on(tokens)  # grad enabled
+    with torch.no_grad():
+        off(tokens)
+        with FlopCounterMode(display=False):
+            on(tokens)
+        on(_to(random_tokens(2, 24, 32, lengths=[24, 17])))
+    assert calls == []
+    with torch.no_grad():
+        on(tokens)
+    assert len(calls) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")
+@pytest.mark.parametrize("unit", ["token", "segment"])
+def test_fused_forward_on_cuda_under_autocast(unit):
+    """bf16 autocast on the GPU (fp32 stream, bf16 MLP output): the compiled kernel against the
+    unfused ops. Scores sum in another order, so near-ties may rank differently: compare the
+    selections' overlap and the outputs of tokens with equal depth."""
+    on, off = _pair(ExpertChoiceRouter, unit)
+    tokens = _to(random_tokens(4, 96, 32, segments=4 if unit == "segment" else None))
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        a, b = on(tokens), off(tokens)
+    same = a.depth == b.depth
+    assert same.float().mean() > 0.95
+    torch.testing.assert_close(a.hidden[same], b.hidden[same], rtol=2e-2, atol=2e-2)
