@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
-from mormm.backbone import fused
+from mormm.backbone import fused, recursion, units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,6 +56,26 @@ def test_merge_rows_matches_the_unfused_ops(delta, per, mlp_dtype):
     assert torch.equal(out3, out)
 
 
+def test_merge_rows_into_the_sequence_and_gather_rows():
+    """Rows written in place at their positions, the rest of the sequence untouched; gathers of
+    fp32 hidden rows and bf16 rotary tables (B, N, 2, P) equal units.gather_rows."""
+    g = torch.Generator().manual_seed(1)
+    B, N, K, D = 2, 10, 4, 24
+    seq = torch.randn(B, N, D, generator=g).to(DEVICE)
+    where = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B)]).to(DEVICE)
+    inp, x1, mlp = (torch.randn(B, K, D, generator=g).to(DEVICE) for _ in range(3))
+    gate = torch.rand(B, K, generator=g).to(DEVICE)
+    weight = torch.randn(D, generator=g).to(DEVICE)
+    rows, score = fused.merge_rows(inp, x1, mlp, gate, True, weight)
+    expected = seq.scatter(1, where[..., None].expand(B, K, D), rows)
+    out, score2 = fused.merge_rows(inp, x1, mlp, gate, True, weight, into=seq, where=where)
+    assert out is seq and torch.equal(seq, expected) and torch.equal(score2, score)
+
+    assert torch.equal(fused.gather_rows(seq, where), units.gather_rows(seq, where))
+    rope = torch.randn(B, N, 2, 8, generator=g).to(DEVICE, torch.bfloat16)
+    assert torch.equal(fused.gather_rows(rope, where), units.gather_rows(rope, where))
+
+
 def _pair(router_cls, unit="token", **cfg):
     config = BackboneConfig(dim=32, num_heads=2, num_layers=8, num_recursions=4, sharing="cycle",
                             **cfg)
@@ -72,29 +92,32 @@ def _spy(monkeypatch):
     calls = []
     merge = fused.merge_rows
 
-    def spy(inp, x1, mlp, gate, delta, weight=None):
+    def spy(inp, x1, mlp, gate, delta, weight=None, into=None, where=None):
         calls.append(weight is not None)
-        return merge(inp, x1, mlp, gate, delta, weight)
+        return merge(inp, x1, mlp, gate, delta, weight, into, where)
 
     monkeypatch.setattr(fused, "merge_rows", spy)
     return calls
 
 
 @needs_kernel
-@pytest.mark.parametrize("router_cls, segments, cfg, scored", [
-    (ExpertChoiceRouter, None, {}, [True, True, True, False]),
+@pytest.mark.parametrize("router_cls, segments, cfg, scored, scatters", [
+    # Expert-choice: every later step's scores come from the kernel, which writes each step's
+    # rows straight into the sequence: nothing is scattered back at the end.
+    (ExpertChoiceRouter, None, {}, [True, True, True, False], 0),
     # Contiguous segments of 4 tokens: whole blocks at every step, one gate per 4 rows.
-    (ExpertChoiceRouter, "blocks", {}, [True, True, True, False]),
+    (ExpertChoiceRouter, "blocks", {}, [True, True, True, False], 0),
     # Segments found by id: the first step (over the sequence) takes the unfused ops, the later
     # ones (the gathered blocks) the kernel.
-    (ExpertChoiceRouter, "ids", {}, [True, True, False]),
-    (ExpertChoiceRouter, None, {"kv_mode": "shared"}, [True, True, True, False]),
-    (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False]),
+    (ExpertChoiceRouter, "ids", {}, [True, True, False], 0),
+    (ExpertChoiceRouter, None, {"kv_mode": "shared"}, [True, True, True, False], 0),
+    (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False], 0),
     # Token-choice: only its first step (everyone takes it) has no padding slots to keep; its
-    # router decides every step up front, so no scores are fused.
-    (TokenChoiceRouter, None, {}, [False]),
+    # router decides every step up front, so no scores are fused and the three working sets
+    # below the sequence are scattered back.
+    (TokenChoiceRouter, None, {}, [False], 3),
 ])
-def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, scored):
+def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, scored, scatters):
     """Same hidden states, depths and step traces as the unfused ops; the kernel really ran, and
     handed its scores to every later expert-choice step."""
     on, off = _pair(router_cls, "token" if segments is None else "segment", **cfg)
@@ -102,9 +125,14 @@ def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, sc
     if segments == "blocks":
         tokens = tokens.replace(contiguous_segments=True)
     calls = _spy(monkeypatch)
+    scattered = []
+    scatter = recursion.scatter_blocks
+    monkeypatch.setattr(recursion, "scatter_blocks",
+                        lambda *a, **k: scattered.append(1) or scatter(*a, **k))
     with torch.no_grad():
-        a, b = on(tokens), off(tokens)
-    assert calls == scored
+        a = on(tokens)
+        assert calls == scored and len(scattered) == scatters
+        b = off(tokens)
     torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.depth, b.depth)
     for sa, sb in zip(a.steps, b.steps):

@@ -36,14 +36,18 @@ def runs_on(x: Tensor) -> bool:
     return x.is_cuda or triton.knobs.runtime.interpret
 
 
-def _merge_rows(inp, x1, mlp, gate, weight, out, score, R, D, rows_per_gate,
-                DELTA: tl.constexpr, SCORE: tl.constexpr, ROWS: tl.constexpr,
+def _merge_rows(inp, x1, mlp, gate, weight, out, score, where, R, D, K, N, rows_per_gate,
+                DELTA: tl.constexpr, SCORE: tl.constexpr, WHERE: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols < D)[None, :]
     at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    dst = at
+    if WHERE:  # row k of sample b goes to row where[b, k] of that sample's N rows in `out`
+        to = (rows // K).to(tl.int64) * N + tl.load(where + rows, mask=row_ok, other=0)
+        dst = to[:, None] * D + cols[None, :]
     h = tl.load(inp + at, mask=ok, other=0.0).to(tl.float32)
     f = (tl.load(x1 + at, mask=ok, other=0.0).to(tl.float32)
          + tl.load(mlp + at, mask=ok, other=0.0).to(tl.float32))
@@ -54,36 +58,71 @@ def _merge_rows(inp, x1, mlp, gate, weight, out, score, R, D, rows_per_gate,
     else:  # h + g f
         new = h + g * f
     new = new.to(out.dtype.element_ty)
-    tl.store(out + at, new, mask=ok)
+    tl.store(out + dst, new, mask=ok)
     if SCORE:  # the next router's product with the rows as stored
         w = tl.load(weight + cols, mask=cols < D, other=0.0).to(tl.float32)
         tl.store(score + rows, tl.sum(new.to(tl.float32) * w[None, :], axis=1), mask=row_ok)
 
 
+def _gather_rows(src, where, out, R, F, K, N, ROWS: tl.constexpr, BLOCK_F: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_F)
+    row_ok = rows < R
+    ok = row_ok[:, None] & (cols < F)[None, :]
+    at = (rows // K).to(tl.int64) * N + tl.load(where + rows, mask=row_ok, other=0)
+    v = tl.load(src + at[:, None] * F + cols[None, :], mask=ok)
+    tl.store(out + rows.to(tl.int64)[:, None] * F + cols[None, :], v, mask=ok)
+
+
 if triton is not None:
     _merge_rows = triton.jit(_merge_rows)
+    _gather_rows = triton.jit(_gather_rows)
 
 
 def merge_rows(inp: Tensor, x1: Tensor, mlp: Tensor, gate: Tensor, delta: bool,
-               weight: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+               weight: Tensor | None = None, into: Tensor | None = None,
+               where: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The gated update of a step's rows from its last layer's two residual terms.
 
     inp: (B, K, D) the step's input; x1, mlp: (B, K, D) the last layer's stream after attention
     and its MLP output (the layer's output is their sum); gate: (B, G) one gate per K / G
     consecutive rows (per token, or per segment of K / G tokens); delta: inp + g (f - inp) if
     True, else inp + g f, with f = x1 + mlp; weight: (D,) the next router's weight, or None.
-    Returns the updated rows (B, K, D) in inp's dtype and their fp32 scores (B, K) (None
-    without weight)."""
+    into, where: write the rows in place into `into` (B, N, D), row k of sample b to row
+    where[b, k] (the sequence positions of the step's tokens), instead of a new (B, K, D).
+    Returns the rows written (`into`, or the new tensor, in inp's dtype) and the updated rows'
+    fp32 scores (B, K) (None without weight)."""
     B, K, D = inp.shape
     R = B * K
     # Row-major buffers throughout: the kernel addresses rows as row * D (an input may be a
     # transposed view, e.g. a patch embedding's output; empty_like would copy its strides).
     inp, x1, mlp, gate = inp.contiguous(), x1.contiguous(), mlp.contiguous(), gate.contiguous()
-    out = torch.empty(B, K, D, dtype=inp.dtype, device=inp.device)
+    if into is None:
+        out = torch.empty(B, K, D, dtype=inp.dtype, device=inp.device)
+    else:
+        if not into.is_contiguous() or (where is None) or where.shape != (B, K):
+            raise ValueError("merge_rows: `into` must be a contiguous (B, N, D) tensor and "
+                             f"`where` (B, K) = {(B, K)} positions in it")
+        out, where = into, where.contiguous()
     score = None if weight is None else torch.empty(B, K, dtype=torch.float32, device=inp.device)
     _merge_rows[(triton.cdiv(R, ROWS),)](
         inp, x1, mlp, gate, out if weight is None else weight.contiguous(), out,
-        out if score is None else score, R, D, R // gate.numel(),
-        DELTA=delta, SCORE=weight is not None, ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D),
+        out if score is None else score, out if into is None else where, R, D, K, out.shape[1],
+        R // gate.numel(), DELTA=delta, SCORE=weight is not None, WHERE=into is not None,
+        ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D),
     )
     return out, score
+
+
+def gather_rows(src: Tensor, where: Tensor) -> Tensor:
+    """src (B, N, *F), where (B, K) -> (B, K, *F): units.gather_rows as one row copy per index.
+    torch's gather reads an index per element: for 32 x 1176 fp32 rows of 384 on the H200 it
+    took 53.7 us, a row-wise copy (index_select) 33.8 us."""
+    B, N = src.shape[:2]
+    K = where.shape[1]
+    src, where = src.contiguous(), where.contiguous()
+    out = torch.empty(B, K, *src.shape[2:], dtype=src.dtype, device=src.device)
+    F = src[0, 0].numel()
+    _gather_rows[(triton.cdiv(B * K, ROWS),)](src, where, out, B * K, F, K, N, ROWS=ROWS,
+                                              BLOCK_F=triton.next_power_of_2(F))
+    return out

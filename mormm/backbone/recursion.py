@@ -176,6 +176,10 @@ class MoRBackbone(nn.Module):
         carry = scores = None
         set_units = units  # the working set's units
         fuse = self._fuses(x)
+        # Fused, with every later step's scores fused too: the whole sequence (B, N, D) after
+        # the first step, into which each step's merge writes its rows in place; the steps
+        # read their rows from it, so no working set needs scattering back at the end.
+        stream = None
         for r, chunk in enumerate(self.plan.steps):
             route = self.router.route(r, h, set_units, live, carry, scores)
             # The next router's weight, when its scores can come out of this step's merge.
@@ -189,6 +193,9 @@ class MoRBackbone(nn.Module):
                 carry = route.carry
                 h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
                                          fuse, nxt)
+                if fuse and where is None and all(self.router.score_weight(j) is not None
+                                                  for j in range(r + 1, len(self.plan.steps))):
+                    stream = h  # this forward's own (B, N, D) tensor
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
                 # for segments found by id (the sequence itself), their tokens one by one.
@@ -204,16 +211,21 @@ class MoRBackbone(nn.Module):
                 kept = route.index.shape[1]
                 set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
                              else Units.blocks(kept, units.max_len, units.population))
-                h_in = gather_blocks(h, index, L)
-                h_rope = None if h_rope is None else gather_blocks(h_rope, index, L)
-                levels.append((h, index, L))
+                if stream is not None:  # straight from the sequence, by position
+                    h_in = fused.gather_rows(stream, where)
+                    h_rope = None if rope is None else fused.gather_rows(rope, where)
+                else:
+                    h_in = gather_blocks(h, index, L)
+                    h_rope = None if h_rope is None else gather_blocks(h_rope, index, L)
+                    levels.append((h, index, L))
                 keys = None
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
                     keys = PrefixKeys.of(taken)
                 # Slots that did not take the step write back what they read (no fused merge).
                 h, scores = self._update(r, chunk, set_units, h_in, h_rope, shared_kv, keys,
-                                         gate.gather(1, route.index), fuse and taken is None, nxt)
+                                         gate.gather(1, route.index), fuse and taken is None, nxt,
+                                         stream, where)
                 if taken is not None:
                     h = torch.where(taken[..., None], h, h_in)
             if where is None:
@@ -282,15 +294,18 @@ class MoRBackbone(nn.Module):
                 and not torch.compiler.is_compiling() and fused.runs_on(x)
                 and torch._C._len_torch_dispatch_stack() == 0)
 
-    def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate, fuse, nxt):
+    def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate, fuse, nxt, stream=None,
+                where=None):
         """Step r's layers on the working set h and its gated update (gate per unit of `units`);
         returns the new h and, with `fuse` and the next router's weight `nxt`, its scores
         (else None). With `fuse` the last residual add, the update and the scores run as one
-        kernel; segments found by id (not whole blocks) take the unfused ops."""
+        kernel, which writes the rows to positions `where` of `stream` if given (and returns the
+        stream); segments found by id (not whole blocks) take the unfused ops."""
         if not fuse or units.segment_ids is not None:
             return self._merge_units(units, h, self._run(r, chunk, h, rope, shared_kv, keys), gate), None
         x1, m = self._run(r, chunk, h, rope, shared_kv, keys, split=True)
-        return fused.merge_rows(h, x1, m, gate, self.config.gate_update == "delta", nxt)
+        return fused.merge_rows(h, x1, m, gate, self.config.gate_update == "delta", nxt,
+                                stream, where if stream is not None else None)
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
         """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
