@@ -50,6 +50,9 @@ def test_merge_rows_matches_the_unfused_ops(delta, per, mlp_dtype):
     torch.testing.assert_close(score, ref @ weight, rtol=1e-5, atol=1e-5)
     out2, none = fused.merge_rows(inp, x1, mlp, gate, delta)
     assert none is None and torch.equal(out2, out)
+    taken = torch.rand(B, K, generator=g).to(DEVICE) < 0.5
+    out4, _ = fused.merge_rows(inp, x1, mlp, gate, delta, taken=taken)
+    assert torch.equal(out4, torch.where(taken[..., None], out, inp))
     # A transposed view (a patch embedding's output often is one) reads as what it shows.
     out3, _ = fused.merge_rows(inp.transpose(1, 2).contiguous().transpose(1, 2), x1, mlp, gate,
                                delta)
@@ -92,9 +95,9 @@ def _spy(monkeypatch):
     calls = []
     merge = fused.merge_rows
 
-    def spy(inp, x1, mlp, gate, delta, weight=None, into=None, where=None):
+    def spy(inp, x1, mlp, gate, delta, weight=None, into=None, where=None, taken=None):
         calls.append(weight is not None)
-        return merge(inp, x1, mlp, gate, delta, weight, into, where)
+        return merge(inp, x1, mlp, gate, delta, weight, into, where, taken)
 
     monkeypatch.setattr(fused, "merge_rows", spy)
     return calls
@@ -112,10 +115,10 @@ def _spy(monkeypatch):
     (ExpertChoiceRouter, "ids", {}, [True, True, False], 0),
     (ExpertChoiceRouter, None, {"kv_mode": "shared"}, [True, True, True, False], 0),
     (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False], 0),
-    # Token-choice: only its first step (everyone takes it) has no padding slots to keep; its
-    # router decides every step up front, so no scores are fused and the three working sets
-    # below the sequence are scattered back.
-    (TokenChoiceRouter, None, {}, [False], 3),
+    # Token-choice: its router decides every step up front, so no scores are fused and the
+    # three working sets below the sequence are scattered back; the steps after the first keep
+    # padding slots, which the kernel leaves as they were.
+    (TokenChoiceRouter, None, {}, [False] * 4, 3),
 ])
 def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, scored, scatters):
     """Same hidden states, depths and step traces as the unfused ops; the kernel really ran, and

@@ -36,9 +36,9 @@ def runs_on(x: Tensor) -> bool:
     return x.is_cuda or triton.knobs.runtime.interpret
 
 
-def _merge_rows(inp, x1, mlp, gate, weight, out, score, where, R, D, K, N, rows_per_gate,
-                DELTA: tl.constexpr, SCORE: tl.constexpr, WHERE: tl.constexpr, ROWS: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _merge_rows(inp, x1, mlp, gate, weight, out, score, where, taken, R, D, K, N, rows_per_gate,
+                DELTA: tl.constexpr, SCORE: tl.constexpr, WHERE: tl.constexpr,
+                TAKEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < R
@@ -57,6 +57,8 @@ def _merge_rows(inp, x1, mlp, gate, weight, out, score, where, R, D, K, N, rows_
         new = tl.where(g < 0.5, h + g * d, f - d * (1.0 - g))
     else:  # h + g f
         new = h + g * f
+    if TAKEN:  # slots that did not take the step keep what they read
+        new = tl.where(tl.load(taken + rows, mask=row_ok, other=0)[:, None] != 0, new, h)
     new = new.to(out.dtype.element_ty)
     tl.store(out + dst, new, mask=ok)
     if SCORE:  # the next router's product with the rows as stored
@@ -81,7 +83,8 @@ if triton is not None:
 
 def merge_rows(inp: Tensor, x1: Tensor, mlp: Tensor, gate: Tensor, delta: bool,
                weight: Tensor | None = None, into: Tensor | None = None,
-               where: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+               where: Tensor | None = None,
+               taken: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The gated update of a step's rows from its last layer's two residual terms.
 
     inp: (B, K, D) the step's input; x1, mlp: (B, K, D) the last layer's stream after attention
@@ -90,6 +93,7 @@ def merge_rows(inp: Tensor, x1: Tensor, mlp: Tensor, gate: Tensor, delta: bool,
     True, else inp + g f, with f = x1 + mlp; weight: (D,) the next router's weight, or None.
     into, where: write the rows in place into `into` (B, N, D), row k of sample b to row
     where[b, k] (the sequence positions of the step's tokens), instead of a new (B, K, D).
+    taken: (B, K) bool, the rows that took the step; the others keep inp (None: all took it).
     Returns the rows written (`into`, or the new tensor, in inp's dtype) and the updated rows'
     fp32 scores (B, K) (None without weight)."""
     B, K, D = inp.shape
@@ -107,8 +111,9 @@ def merge_rows(inp: Tensor, x1: Tensor, mlp: Tensor, gate: Tensor, delta: bool,
     score = None if weight is None else torch.empty(B, K, dtype=torch.float32, device=inp.device)
     _merge_rows[(triton.cdiv(R, ROWS),)](
         inp, x1, mlp, gate, out if weight is None else weight.contiguous(), out,
-        out if score is None else score, out if into is None else where, R, D, K, out.shape[1],
-        R // gate.numel(), DELTA=delta, SCORE=weight is not None, WHERE=into is not None,
+        out if score is None else score, out if into is None else where,
+        out if taken is None else taken.contiguous(), R, D, K, out.shape[1], R // gate.numel(),
+        DELTA=delta, SCORE=weight is not None, WHERE=into is not None, TAKEN=taken is not None,
         ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D),
     )
     return out, score

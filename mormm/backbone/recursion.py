@@ -222,12 +222,10 @@ class MoRBackbone(nn.Module):
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
                     keys = PrefixKeys.of(taken)
-                # Slots that did not take the step write back what they read (no fused merge).
+                # Slots that did not take the step write back what they read.
                 h, scores = self._update(r, chunk, set_units, h_in, h_rope, shared_kv, keys,
-                                         gate.gather(1, route.index), fuse and taken is None, nxt,
-                                         stream, where)
-                if taken is not None:
-                    h = torch.where(taken[..., None], h, h_in)
+                                         gate.gather(1, route.index), fuse, nxt, stream, where,
+                                         taken)
             if where is None:
                 everyone_steps += 1
             else:
@@ -295,17 +293,20 @@ class MoRBackbone(nn.Module):
                 and torch._C._len_torch_dispatch_stack() == 0)
 
     def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate, fuse, nxt, stream=None,
-                where=None):
+                where=None, taken=None):
         """Step r's layers on the working set h and its gated update (gate per unit of `units`);
-        returns the new h and, with `fuse` and the next router's weight `nxt`, its scores
-        (else None). With `fuse` the last residual add, the update and the scores run as one
-        kernel, which writes the rows to positions `where` of `stream` if given (and returns the
-        stream); segments found by id (not whole blocks) take the unfused ops."""
+        rows not `taken` (B, K) keep what they read (None: all took the step). Returns the new h
+        and, with `fuse` and the next router's weight `nxt`, its scores (else None). With `fuse`
+        the last residual add, the update and the scores run as one kernel, which writes the
+        rows to positions `where` of `stream` if given (and returns the stream); segments found
+        by id (not whole blocks) take the unfused ops."""
         if not fuse or units.segment_ids is not None:
-            return self._merge_units(units, h, self._run(r, chunk, h, rope, shared_kv, keys), gate), None
+            out = self._run(r, chunk, h, rope, shared_kv, keys)
+            new = self._merge_units(units, h, out, gate)
+            return (new if taken is None else torch.where(taken[..., None], new, h)), None
         x1, m = self._run(r, chunk, h, rope, shared_kv, keys, split=True)
         return fused.merge_rows(h, x1, m, gate, self.config.gate_update == "delta", nxt,
-                                stream, where if stream is not None else None)
+                                stream, where if stream is not None else None, taken)
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
         """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
