@@ -59,6 +59,7 @@ def test_merge_rows_matches_the_unfused_ops(delta, per, mlp_dtype):
     assert torch.equal(out3, out)
 
 
+@needs_kernel
 def test_merge_rows_into_the_sequence_and_gather_rows():
     """Rows written in place at their positions, the rest of the sequence untouched; gathers of
     fp32 hidden rows and bf16 rotary tables (B, N, 2, P) equal units.gather_rows."""
@@ -79,10 +80,10 @@ def test_merge_rows_into_the_sequence_and_gather_rows():
     assert torch.equal(fused.gather_rows(rope, where), units.gather_rows(rope, where))
 
 
-def _pair(router_cls, unit="token", **cfg):
+def _pair(router_cls, unit="token", caps=(1.0, 0.75, 0.5, 0.25), **cfg):
     config = BackboneConfig(dim=32, num_heads=2, num_layers=8, num_recursions=4, sharing="cycle",
                             **cfg)
-    caps = [1.0, 0.75, 0.5, 0.25]
+    caps = list(caps)
     torch.manual_seed(0)
     on = MoRBackbone(config, router_cls(caps, unit=unit)).eval()
     randomize_router(on)
@@ -115,6 +116,8 @@ def _spy(monkeypatch):
     (ExpertChoiceRouter, "ids", {}, [True, True, False], 0),
     (ExpertChoiceRouter, None, {"kv_mode": "shared"}, [True, True, True, False], 0),
     (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False], 0),
+    # A step that keeps all the last one kept (no top-k) reads and writes the same rows.
+    (ExpertChoiceRouter, None, {"caps": (1.0, 0.5, 0.5, 0.25)}, [True, True, True, False], 0),
     # Token-choice: its router decides every step up front, so no scores are fused and the
     # three working sets below the sequence are scattered back; the steps after the first keep
     # padding slots, which the kernel leaves as they were.

@@ -13,7 +13,8 @@ Data flow of one forward:
 Tokens that exit are really skipped: each step works on a dense (B, K, D) tensor with K static
 (capacity x N), so shapes never depend on data and nothing synchronises with the host. Two loops
 implement the steps: `_compact` (expert- and token-choice over unpadded clips) keeps the
-still-active tokens gathered between steps and scatters them back once at the end; `_masked`
+still-active tokens gathered between steps and scatters them back once at the end (or, at CUDA
+inference, writes each step's rows straight back into the sequence: fused.py); `_masked`
 (padding, threshold inference, the analysis baselines) selects with (B, N) masks and scatters
 back after every step. Steps that take fewer tokens than their static bound attend over the
 taken slots only (PrefixKeys).
@@ -157,7 +158,9 @@ class MoRBackbone(nn.Module):
         clips, per token or per segment): the tokens still active stay gathered between steps as
         a dense working set (B, M, D), so a step's router, top-k and gather read only the M
         tokens that compete for it instead of all N; each level of the working set is scattered
-        back once, at the end. Gathered segments are stored whole, one after the other
+        back once, at the end. With fused merges (fused.py) and every later step's scores coming
+        out of them, the working set's rows are written straight into the sequence instead and
+        each step reads its rows from there by position: nothing to scatter back. Gathered segments are stored whole, one after the other
         (Units.blocks, as contiguous segments are from the start), and move by block index. A
         step that keeps fewer units than its static bound (token-choice) puts the taken ones
         first and attends over them alone (PrefixKeys); its other slots pass through unchanged
@@ -191,11 +194,17 @@ class MoRBackbone(nn.Module):
             competed, taken, step_units = where, None, set_units
             if route.index is None:  # every token of the working set takes the step
                 carry = route.carry
-                h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
-                                         fuse, nxt)
-                if fuse and where is None and all(self.router.score_weight(j) is not None
-                                                  for j in range(r + 1, len(self.plan.steps))):
-                    stream = h  # this forward's own (B, N, D) tensor
+                if stream is not None:  # the working set's rows live in the sequence
+                    rows_rope = None if rope is None else fused.gather_rows(rope, where)
+                    h, scores = self._update(r, chunk, set_units, fused.gather_rows(stream, where),
+                                             rows_rope, shared_kv, None, gate, fuse, nxt, stream,
+                                             where)
+                else:
+                    h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None,
+                                             gate, fuse, nxt)
+                    if fuse and where is None and all(self.router.score_weight(j) is not None
+                                                      for j in range(r + 1, len(self.plan.steps))):
+                        stream = h  # this forward's own (B, N, D) tensor
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
                 # for segments found by id (the sequence itself), their tokens one by one.

@@ -431,7 +431,8 @@ def markdown(result: dict) -> str:
         "host's time to issue one eager forward (timed at batch 1; near infer ms, the row is "
         "host-bound and follows the host's speed); kernels = aten ops that launch work in one "
         "eager forward (counted on the unfused ops: on CUDA, fused step merges launch 10 fewer "
-        "per expert-choice forward); train and mem = training step time and peak memory over vanilla's.",
+        "per expert-choice forward at N_r = 4); train and mem = training step time and peak "
+        "memory over vanilla's.",
         "",
     ]
     for shape in result["shapes"]:
