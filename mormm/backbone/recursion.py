@@ -160,12 +160,13 @@ class MoRBackbone(nn.Module):
         tokens that compete for it instead of all N; each level of the working set is scattered
         back once, at the end. With fused merges (fused.py) and every later step's scores coming
         out of them, the working set's rows are written straight into the sequence instead and
-        each step reads its rows from there by position: nothing to scatter back. Gathered segments are stored whole, one after the other
-        (Units.blocks, as contiguous segments are from the start), and move by block index. A
-        step that keeps fewer units than its static bound (token-choice) puts the taken ones
-        first and attends over them alone (PrefixKeys); its other slots pass through unchanged
-        and compete no further. The same function as `_masked`, with fewer bytes and kernels per
-        step (no (B, N) masks and gates, no scatter of the whole sequence per step).
+        each step reads its rows from there by position: nothing to scatter back. Gathered
+        segments are stored whole, one after the other (Units.blocks, as contiguous segments are
+        from the start), and move by block index. A step that keeps fewer units than its static
+        bound (token-choice) puts the taken ones first and attends over them alone
+        (PrefixKeys); its other slots pass through unchanged and compete no further. The same
+        function as `_masked`, with fewer bytes and kernels per step (no (B, N) masks and gates,
+        no scatter of the whole sequence per step).
 
         given: the backbone's input embeddings, never written in place."""
         B, N, _ = x.shape

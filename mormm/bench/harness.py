@@ -422,7 +422,8 @@ def markdown(result: dict) -> str:
         f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
         f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
         f"{result['model']['capacities']}"
-        f"{'' if result['model'].get('fused_merge', True) else ', unfused step merges'}; precision: "
+        f"{'' if result['model'].get('fused_merge', True) else ', unfused step merges'}"
+        "; precision: "
         f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
         "mode says bf16 (bf16 weights and activations, inference only).",
         "",
