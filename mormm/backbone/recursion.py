@@ -184,10 +184,12 @@ class MoRBackbone(nn.Module):
         # the first step, into which each step's merge writes its rows in place; the steps
         # read their rows from it, so no working set needs scattering back at the end.
         stream = None
+        # Each step's router weight, where its scores can come out of the previous step's merge.
+        R = len(self.plan.steps)
+        weights = [self.router.score_weight(j) if fuse and j else None for j in range(R)] + [None]
         for r, chunk in enumerate(self.plan.steps):
             route = self.router.route(r, h, set_units, live, carry, scores)
-            # The next router's weight, when its scores can come out of this step's merge.
-            nxt = self.router.score_weight(r + 1) if fuse and r + 1 < len(self.plan.steps) else None
+            nxt = weights[r + 1]
             _accumulate(losses, route.losses)
             stats.update(route.stats)
             # Gates stay per unit (B, U): merges broadcast them as views, traces on demand.
@@ -203,8 +205,7 @@ class MoRBackbone(nn.Module):
                 else:
                     h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None,
                                              gate, fuse, nxt)
-                    if fuse and where is None and all(self.router.score_weight(j) is not None
-                                                      for j in range(r + 1, len(self.plan.steps))):
+                    if fuse and where is None and all(w is not None for w in weights[r + 1:R]):
                         stream = h  # this forward's own (B, N, D) tensor
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
