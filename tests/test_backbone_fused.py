@@ -7,6 +7,7 @@ program (tests/conftest.py). The last test checks the compiled kernel under bf16
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -118,6 +119,8 @@ def _spy(monkeypatch):
     (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False], 0),
     # A step that keeps all the last one kept (no top-k) reads and writes the same rows.
     (ExpertChoiceRouter, None, {"caps": (1.0, 0.5, 0.5, 0.25)}, [True, True, True, False], 0),
+    # An MLP router scores the rows itself: merges fused, no scores, working sets scattered back.
+    (partial(ExpertChoiceRouter, mlp_hidden=16), None, {}, [False] * 4, 3),
     # Token-choice: its router decides every step up front, so no scores are fused and the
     # three working sets below the sequence are scattered back; the steps after the first keep
     # padding slots, which the kernel leaves as they were.
