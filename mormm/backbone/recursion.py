@@ -198,15 +198,12 @@ class MoRBackbone(nn.Module):
             if route.index is None:  # every token of the working set takes the step
                 carry = route.carry
                 if stream is not None:  # the working set's rows live in the sequence
-                    rows_rope = None if rope is None else fused.gather_rows(rope, where)
-                    h, scores = self._update(r, chunk, set_units, fused.gather_rows(stream, where),
-                                             rows_rope, shared_kv, None, gate, fuse, nxt, stream,
-                                             where)
-                else:
-                    h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None,
-                                             gate, fuse, nxt)
-                    if fuse and where is None and all(w is not None for w in weights[r + 1:R]):
-                        stream = h  # this forward's own (B, N, D) tensor
+                    h, h_rope = _rows_at(stream, rope, where)
+                h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
+                                         fuse, nxt, stream, where)
+                if (stream is None and fuse and where is None
+                        and all(w is not None for w in weights[r + 1:R])):
+                    stream = h  # this forward's own (B, N, D) tensor
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
                 # for segments found by id (the sequence itself), their tokens one by one.
@@ -223,8 +220,7 @@ class MoRBackbone(nn.Module):
                 set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
                              else Units.blocks(kept, units.max_len, units.population))
                 if stream is not None:  # straight from the sequence, by position
-                    h_in = fused.gather_rows(stream, where)
-                    h_rope = None if rope is None else fused.gather_rows(rope, where)
+                    h_in, h_rope = _rows_at(stream, rope, where)
                 else:
                     h_in = gather_blocks(h, index, L)
                     h_rope = None if h_rope is None else gather_blocks(h_rope, index, L)
@@ -404,6 +400,13 @@ def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | No
         for key, p in m.named_parameters(recurse=False) if p.dtype == torch.float32
     }
     return weights or None
+
+
+def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The rows (B, K, D) and rotary tables of the tokens at positions `where` (B, K) of the
+    sequence `stream` (fused steps, which keep their working set there)."""
+    rows = fused.gather_rows(stream, where)
+    return rows, None if rope is None else fused.gather_rows(rope, where)
 
 
 def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:
