@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import random_tokens
+from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 from mormm.backbone.layers import Block
 
@@ -216,4 +216,37 @@ def test_compiled_inference_casts_each_shared_weight_once(make_router):
     # stream with its fp32 weights (no cast of its weights or of the input embeddings).
     assert len(casts) == len(set(casts)) == linears
     torch.testing.assert_close(out.hidden, ref.hidden, atol=2e-2, rtol=2e-2)
+    assert torch.equal(out.depth, ref.depth)
+
+
+@pytest.mark.parametrize("unit,tok_args", [("token", {}), ("segment", dict(segments=3))])
+def test_compiled_router_scores_are_a_row_sum_of_the_stream(unit, tok_args):
+    """Compiled, a linear expert-choice router scores the fp32 stream as a product and a row sum,
+    which inductor computes in the kernel that wrote the stream (the previous step's merge), not
+    as a matrix product that reads it again. The scores, so the routing, are the eager ones."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    model = build(ExpertChoiceRouter(capacities=[1.0, 0.75, 0.5, 0.25], unit=unit), R=4)
+    randomize_router(model)
+    tokens = make_tokens(lengths=None, **tok_args)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+    with torch.no_grad():
+        ref, out = model(tokens), compiled(tokens)
+    (gm,) = graphs
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mv.default,
+               torch.ops.aten.bmm.default}
+    mms = [n for n in gm.graph.nodes if n.target in matmuls]
+    # The layers' four linears per layer application, and nothing else: no matrix product with a
+    # (D, 1) router weight.
+    assert all(n.args[-1].meta["val"].shape[-1] > 1 for n in mms)
+    assert len(mms) == 4 * 4
+    torch.testing.assert_close(out.hidden, ref.hidden, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.depth, ref.depth)
