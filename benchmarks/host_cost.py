@@ -1,0 +1,93 @@
+"""What the host pays to issue work: one launch of each routing kernel, and one eager forward.
+
+Short clips in eager mode are bound by the host, not the GPU, so these two numbers decide
+whether MoR beats vanilla there: the host time of a launch (2000 calls on tiny CUDA tensors, the
+device idle) and of a whole forward at batch 1 (median and min of 9 rounds of 50, the variants
+in turns so that a drift of the host falls on all of them):
+
+    python benchmarks/host_cost.py [shape] [variants]   # default: audio1s, the main variants
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from mormm.backbone import fused
+from mormm.bench.harness import SHAPES, VARIANTS, Shape, _autocast, build_model, make_inputs
+
+
+def _host_us(fn, n: int = 2000) -> float:
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def launches(dev: torch.device) -> dict[str, float]:
+    x, w = torch.randn(1, 8, 384, device=dev), torch.randn(384, device=dev)
+    g, seq = torch.rand(1, 8, device=dev), torch.randn(1, 16, 384, device=dev)
+    where = torch.arange(8, device=dev)[None]
+    return {
+        "fused.merge_rows": _host_us(lambda: fused.merge_rows(x, x, x, g, True)),
+        "fused.merge_rows with scores, into the sequence":
+            _host_us(lambda: fused.merge_rows(x, x, x, g, True, w, seq, where)),
+        "fused.gather_rows": _host_us(lambda: fused.gather_rows(seq, where)),
+        "torch.lerp": _host_us(lambda: torch.lerp(x, x, g[..., None])),
+        "add": _host_us(lambda: x + x),
+        "topk": _host_us(lambda: g.topk(4, dim=-1)),
+        "index_select": _host_us(lambda: seq[0].index_select(0, where[0])),
+    }
+
+
+def forwards(dev: torch.device, shape: str, variants: list[str]) -> dict[str, list[float]]:
+    inputs = make_inputs(Shape(shape, 1, SHAPES[shape].grid), 384, dev)
+    models = {}
+    for v in variants:
+        name, _, option = v.partition("@")  # "mor_ec@unfused": fused merges off
+        models[v] = build_model(VARIANTS[name], 384, 6, 12, 4,
+                                fused_merge=option != "unfused").to(dev).eval()
+
+    def host_ms(model, n: int = 50) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad(), _autocast(dev):
+            for _ in range(n):
+                model(*inputs)
+        ms = (time.perf_counter() - t0) / n * 1e3
+        torch.cuda.synchronize()
+        return ms
+
+    for m in models.values():
+        host_ms(m, 20)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(9):
+        for v, m in models.items():
+            times[v].append(host_ms(m))
+    return times
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    shape = sys.argv[1] if len(sys.argv) > 1 else "audio1s"
+    variants = (sys.argv[2] if len(sys.argv) > 2 else
+                "vanilla,recursive,mor_ec,mor_ec@unfused,mor_ec_segment,mor_tc").split(",")
+    print(f"# Host cost: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print("| launch | host us |\n|---|---|")
+    for name, us in launches(dev).items():
+        print(f"| {name} | {us:.1f} |")
+    print(f"\n| variant ({shape}, batch 1, eager) | host ms, median (min) |\n|---|---|")
+    for v, t in forwards(dev, shape, variants).items():
+        print(f"| {v} | {statistics.median(t):.2f} ({min(t):.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
