@@ -122,10 +122,11 @@ def _spy(monkeypatch):
     (ExpertChoiceRouter, None, {"caps": (1.0, 0.5, 0.5, 0.25)}, [True, True, True, False], 0),
     # An MLP router scores the rows itself: merges fused, no scores, working sets scattered back.
     (partial(ExpertChoiceRouter, mlp_hidden=16), None, {}, [False] * 4, 3),
-    # Token-choice: its router decides every step up front, so no scores are fused and the
-    # three working sets below the sequence are scattered back; the steps after the first keep
-    # padding slots, which the kernel leaves as they were.
-    (TokenChoiceRouter, None, {}, [False] * 4, 3),
+    # Token-choice: its router decides every step up front, so no scores are fused or needed:
+    # its rows go straight into the sequence too. The steps after the first keep padding slots,
+    # which the kernel writes back as they were.
+    (TokenChoiceRouter, None, {}, [False] * 4, 0),
+    (TokenChoiceRouter, "blocks", {}, [False] * 4, 0),
 ])
 def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, scored, scatters):
     """Same hidden states, depths and step traces as the unfused ops; the kernel really ran, and

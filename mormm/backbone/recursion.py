@@ -154,19 +154,19 @@ class MoRBackbone(nn.Module):
         return x, traces
 
     def _compact(self, x, rope, units, losses, stats, given):
-        """Routed steps when `router.compact(units)` (expert- or token-choice over unpadded
-        clips, per token or per segment): the tokens still active stay gathered between steps as
-        a dense working set (B, M, D), so a step's router, top-k and gather read only the M
-        tokens that compete for it instead of all N; each level of the working set is scattered
-        back once, at the end. With fused merges (fused.py) and every later step's scores coming
-        out of them, the working set's rows are written straight into the sequence instead and
-        each step reads its rows from there by position: nothing to scatter back. Gathered
-        segments are stored whole, one after the other (Units.blocks, as contiguous segments are
-        from the start), and move by block index. A step that keeps fewer units than its static
-        bound (token-choice) puts the taken ones first and attends over them alone
+        """Routed steps when `router.compact(units)` (expert- or token-choice over unpadded clips,
+        per token or per segment): the tokens still active stay gathered between steps as a dense
+        working set (B, M, D), so a step's router, top-k and gather read only the M tokens that
+        compete for it instead of all N; each level of the working set is scattered back once, at
+        the end. With fused merges (fused.py) and every later step's scores coming out of them or
+        not needed (token-choice), the working set's rows are written straight into the sequence
+        instead and each step reads its rows from there by position: nothing to scatter back.
+        Gathered segments are stored whole, one after the other (Units.blocks, as contiguous
+        segments are from the start), and move by block index. A step that keeps fewer units than
+        its static bound (token-choice) puts the taken ones first and attends over them alone
         (PrefixKeys); its other slots pass through unchanged and compete no further. The same
-        function as `_masked`, with fewer bytes and kernels per step (no (B, N) masks and gates,
-        no scatter of the whole sequence per step).
+        function as `_masked`, with fewer bytes and kernels per step (no (B, N) masks and gates, no
+        scatter of the whole sequence per step).
 
         given: the backbone's input embeddings, never written in place."""
         B, N, _ = x.shape
@@ -180,9 +180,10 @@ class MoRBackbone(nn.Module):
         carry = scores = None
         set_units = units  # the working set's units
         fuse = self._fuses(x)
-        # Fused, with every later step's scores fused too: the whole sequence (B, N, D) after
-        # the first step, into which each step's merge writes its rows in place; the steps
-        # read their rows from it, so no working set needs scattering back at the end.
+        # Fused, with every later step's scores fused too or not needed (token-choice decides
+        # every step up front): the whole sequence (B, N, D) after the first step, into which
+        # each step's merge writes its rows in place; the steps read their rows from it, so no
+        # working set needs scattering back at the end.
         stream = None
         # Each step's router weight, where its scores can come out of the previous step's merge.
         R = len(self.plan.steps)
@@ -202,7 +203,8 @@ class MoRBackbone(nn.Module):
                 h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
                                          fuse, nxt, stream, where)
                 if (stream is None and fuse and where is None
-                        and all(w is not None for w in weights[r + 1:R])):
+                        and all(weights[j] is not None or not self.router.reads_hidden(j)
+                                for j in range(r + 1, R))):
                     stream = h  # this forward's own (B, N, D) tensor
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or

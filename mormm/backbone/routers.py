@@ -198,6 +198,12 @@ class Router(nn.Module):
         to `route` as `scores`; None otherwise (the router scores them itself)."""
         return None
 
+    def reads_hidden(self, step: int) -> bool:
+        """Whether `route(step, ...)` reads the hidden states (else its carry alone): a
+        backbone that keeps its working set in the sequence (fused.py) hands the whole sequence
+        to a step whose scores it neither fuses nor needs."""
+        return True
+
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
         scores: Tensor | None = None,
@@ -434,6 +440,9 @@ class TokenChoiceRouter(Router):
 
     def gather_carry(self, carry: Any, index: Tensor) -> Any:
         return None if carry is None else gather_rows(carry, index)
+
+    def reads_hidden(self, step: int) -> bool:
+        return step == 0  # the later steps follow the carry decided there
 
     def _unpack(self, carry: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """logits (B, U, R), priority (B, U, R), gate (B, U)."""
