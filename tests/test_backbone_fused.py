@@ -127,6 +127,7 @@ def _spy(monkeypatch):
     # which the kernel writes back as they were.
     (TokenChoiceRouter, None, {}, [False] * 4, 0),
     (TokenChoiceRouter, "blocks", {}, [False] * 4, 0),
+    (TokenChoiceRouter, "ids", {}, [False] * 3, 0),
 ])
 def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, scored, scatters):
     """Same hidden states, depths and step traces as the unfused ops; the kernel really ran, and
