@@ -19,7 +19,7 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
 )
 
-from mormm.backbone import BackboneOutput, MoRBackbone
+from mormm.backbone import BackboneOutput, MoRBackbone, compile_options
 from mormm.heads import Pooling
 from mormm.model import ClassifierOutput, MoRClassifier
 from mormm.uptrain import UptrainInit, uptrain
@@ -65,7 +65,8 @@ class MoRModule(L.LightningModule):
                    bound by kernel launches, and there MoR needs it to beat the vanilla model
                    (1 s audio on an H200: 0.88-0.92x vanilla compiled plainly, 1.38x with CUDA
                    graphs; benchmarks/README.md).
-                   Gradients are then zeroed between optimizer steps, not freed.
+                   Gradients are then zeroed between optimizer steps, not freed. The options
+                   come from mormm.backbone.compile_options (pointwise autotuning off).
     init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
                    from scratch (not on resume, validate, test or predict).
     """
@@ -123,7 +124,7 @@ class MoRModule(L.LightningModule):
         mode = self.hparams.compile
         if mode:
             # In place: parameter names (and so checkpoints) stay those of the eager model.
-            self.model.backbone.compile(mode=None if mode is True else mode)
+            self.model.backbone.compile(options=compile_options(None if mode is True else mode))
 
     def on_fit_start(self) -> None:
         # Uptraining initialises a fresh run only. A resumed run (--ckpt_path) takes every weight

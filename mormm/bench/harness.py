@@ -39,7 +39,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from encoders.tokens import Tokens
-from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone import (
+    BackboneConfig,
+    ExpertChoiceRouter,
+    MoRBackbone,
+    TokenChoiceRouter,
+    compile_options,
+)
 
 SCHEMA = "mormm.bench/1"
 
@@ -292,10 +298,11 @@ def _graph(fn, device: torch.device):
 def _compiled(model: nn.Module, mode: str):
     if mode in ("eager", "graphed"):
         return model
+    # The options MoRModule(compile=...) compiles the backbone with.
     if mode == "compiled":
-        return torch.compile(model)
+        return torch.compile(model, options=compile_options())
     if mode == "cudagraphs":
-        return torch.compile(model, mode="reduce-overhead")
+        return torch.compile(model, options=compile_options("reduce-overhead"))
     raise ValueError(f"mode={mode!r} is unknown; choose eager, graphed, compiled or cudagraphs")
 
 

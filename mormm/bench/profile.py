@@ -1,6 +1,7 @@
 """Kernel-time breakdown of one benchmark row (torch.profiler), to find where a variant's time goes.
 
     python -m mormm.bench.profile --shape video --variants vanilla,mor_ec [--train] [--compiled]
+        [--pointwise-autotune]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mormm.backbone import compile_options
 from mormm.bench.harness import SHAPES, VARIANTS, _autocast, build_model, make_inputs
 
 
@@ -21,12 +23,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", action="store_true")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compiled", action="store_true", help="profile the torch.compile'd model")
+    p.add_argument("--pointwise-autotune", action="store_true",
+                   help="compiled with inductor's pointwise autotuning on, its own default "
+                        "(mormm turns it off: mormm/backbone/inductor.py)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device("cuda")
     shape = SHAPES[args.shape]
+    options = compile_options()
+    if args.pointwise_autotune:
+        del options["triton.autotune_pointwise"]
     for name in args.variants.split(","):
         model = build_model(VARIANTS[name], 384, 6, 12, 4).to(device)
-        run = torch.compile(model) if args.compiled else model
+        run = torch.compile(model, options=options) if args.compiled else model
         inputs = make_inputs(shape, 384, device)
         model.train(args.train)
         opt = torch.optim.AdamW(model.parameters(), fused=True)
