@@ -250,3 +250,26 @@ def test_compiled_router_scores_are_a_row_sum_of_the_stream(unit, tok_args):
     assert len(mms) == 4 * 4
     torch.testing.assert_close(out.hidden, ref.hidden, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.depth, ref.depth)
+
+
+@pytest.mark.parametrize("block_len", [1, 3])
+def test_scatter_blocks_in_place_equals_the_copy(block_len):
+    """Writing a working set back: in place (into the parent's memory) or into a copy, the same
+    values, for rows (L = 1) and whole blocks of L rows."""
+    from mormm.backbone.units import gather_blocks, scatter_blocks
+
+    g = torch.Generator().manual_seed(0)
+    B, U, K, D = 2, 5, 3, 4
+    parent = torch.randn(B, U * block_len, D, generator=g)
+    index = torch.stack([torch.randperm(U, generator=g)[:K] for _ in range(B)])
+    src = torch.randn(B, K * block_len, D, generator=g)
+    copy = scatter_blocks(parent, index, src, block_len, inplace=False)
+    assert not torch.equal(copy, parent)
+    assert torch.equal(gather_blocks(copy, index, block_len), src)
+    spared = torch.ones(B, U, dtype=torch.bool)  # the units index does not pick
+    spared[torch.arange(B)[:, None], index] = False
+    untouched = spared.repeat_interleave(block_len, 1)
+    assert torch.equal(copy[untouched], parent[untouched])
+    out = scatter_blocks(parent, index, src, block_len, inplace=True)
+    assert out.data_ptr() == parent.data_ptr() and torch.equal(parent, copy)
+
