@@ -272,4 +272,3 @@ def test_scatter_blocks_in_place_equals_the_copy(block_len):
     assert torch.equal(copy[untouched], parent[untouched])
     out = scatter_blocks(parent, index, src, block_len, inplace=True)
     assert out.data_ptr() == parent.data_ptr() and torch.equal(parent, copy)
-
