@@ -63,8 +63,9 @@ class MoRModule(L.LightningModule):
                    true for the default mode, or a mode name. "reduce-overhead" (and
                    "max-autotune") also replay the backbone as CUDA graphs: short clips are
                    bound by kernel launches, and there MoR needs it to beat the vanilla model
-                   (1 s audio on an H200: 0.88-0.92x vanilla compiled plainly, 1.38x with CUDA
-                   graphs; benchmarks/README.md).
+                   reliably (1 s audio on H200s: expert-choice 1.01-1.41x vanilla compiled
+                   plainly, by the host's speed, token-choice 0.92-0.97x on slow hosts; 1.38x
+                   and 1.26x with CUDA graphs; benchmarks/README.md).
                    Gradients are then zeroed between optimizer steps, not freed. The options
                    come from mormm.backbone.compile_options (pointwise autotuning off).
     init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
