@@ -57,6 +57,8 @@ def forwards(dev: torch.device, shape: str, variants: list[str]) -> dict[str, li
                                 fused_merge=option != "unfused").to(dev).eval()
 
     def host_ms(model, n: int = 50) -> float:
+        # One autocast region for the n forwards: a weight is cast to bf16 in the first of them
+        # and the cast reused by the rest (the harness opens a region per forward).
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad(), _autocast(dev):
