@@ -51,3 +51,13 @@ def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_p
         assert vanilla["speedup"] == 1.0
         assert mor["speedup"] == vanilla["infer_s"] / mor["infer_s"]
     assert "| mor_ec | eager bf16 |" in markdown(merged)
+
+
+def test_harness_names_an_unknown_shape_variant_or_mode(capsys):
+    for flag, value, choices in (("--shapes", "image,vido", "video,audio10s,audio1s,image"),
+                                 ("--variants", "mor_ec,mor", "vanilla,recursive,"),
+                                 ("--modes", "eager,compile", "eager,graphed,compiled,cudagraphs")):
+        with pytest.raises(SystemExit):
+            main(["bench", "--small", "--device", "cpu", flag, value])
+        err = capsys.readouterr().err
+        assert f"{flag}: unknown '{value.split(',')[1]}'; choose from {choices}" in err

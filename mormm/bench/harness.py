@@ -295,6 +295,18 @@ def _graph(fn, device: torch.device):
     return graph.replay
 
 
+MODES = ("eager", "graphed", "compiled", "cudagraphs")
+
+
+def check_names(parser: argparse.ArgumentParser, flag: str, value: str, known) -> None:
+    """A comma list of names on the command line: each must be one of `known` (a usage error
+    naming the flag, the unknown names and the choices, not a KeyError deep in the run)."""
+    unknown = [x for x in value.split(",") if x and x not in known]
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; "
+                     f"choose from {','.join(known)}")
+
+
 def _compiled(model: nn.Module, mode: str):
     if mode in ("eager", "graphed"):
         return model
@@ -303,7 +315,7 @@ def _compiled(model: nn.Module, mode: str):
         return torch.compile(model, options=compile_options())
     if mode == "cudagraphs":
         return torch.compile(model, options=compile_options("reduce-overhead"))
-    raise ValueError(f"mode={mode!r} is unknown; choose eager, graphed, compiled or cudagraphs")
+    raise ValueError(f"mode={mode!r} is unknown; choose from {', '.join(MODES)}")
 
 
 @dataclass
@@ -524,6 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="file stem (default: device name)")
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for flag, known in (("--shapes", SHAPES), ("--variants", VARIANTS), ("--modes", MODES)):
+        check_names(p, flag, getattr(args, flag[2:]), known)
     if args.precision == "bf16" and args.train:
         p.error("--precision bf16 times inference only (bf16 weights are not trained with "
                 "AdamW here); add --no-train")
