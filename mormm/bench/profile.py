@@ -1,7 +1,12 @@
 """Kernel-time breakdown of one benchmark row (torch.profiler), to find where a variant's time goes.
 
     python -m mormm.bench.profile --shape video --variants vanilla,mor_ec [--train] [--compiled]
-        [--pointwise-autotune]
+        [--pointwise-autotune] [--by-kind]
+    python -m mormm.bench.profile --device cpu --small --shape audio1s --by-kind   # no GPU
+
+Prints the profiler's kernel table per variant; with --by-kind also one table of kernel time per
+forward grouped by kind (mormm/bench/kinds.py) with all variants side by side, and a column
+comparing the second variant with the first scaled by --scale.
 """
 
 from __future__ import annotations
@@ -10,34 +15,79 @@ import argparse
 import sys
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mormm.backbone import compile_options
-from mormm.bench.harness import SHAPES, VARIANTS, _autocast, build_model, make_inputs
+from mormm.bench import kinds
+from mormm.bench.harness import (
+    CAPACITIES,
+    SHAPES,
+    SMALL_SHAPES,
+    VARIANTS,
+    _autocast,
+    _sync,
+    build_model,
+    check_names,
+    make_inputs,
+)
+
+ITERATIONS = 3
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="mormm.bench.profile")
-    p.add_argument("--shape", default="video")
-    p.add_argument("--variants", default="vanilla,mor_ec")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mormm.bench.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="video", help="one of " + ",".join(SHAPES))
+    p.add_argument("--variants", default="vanilla,mor_ec", help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--small", action="store_true", help="the harness's tiny shapes and width")
     p.add_argument("--train", action="store_true")
-    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--top", type=int, default=12, help="rows of each variant's kernel table")
     p.add_argument("--compiled", action="store_true", help="profile the torch.compile'd model")
     p.add_argument("--pointwise-autotune", action="store_true",
                    help="compiled with inductor's pointwise autotuning on, its own default "
                         "(mormm turns it off: mormm/backbone/inductor.py)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    device = torch.device("cuda")
-    shape = SHAPES[args.shape]
+    p.add_argument("--by-kind", action="store_true",
+                   help="also print kernel time per forward by kind, the variants side by side")
+    p.add_argument("--scale", type=float,
+                   default=len(CAPACITIES) / sum(CAPACITIES),
+                   help="compare the second variant with the first divided by this (default: "
+                        "tokens x layers of vanilla over MoR at the harness's capacities, 1.6)")
+    args = p.parse_args(argv)
+    check_names(p, "--shape", args.shape, SHAPES)
+    if "," in args.shape:
+        p.error(f"--shape {args.shape}: one shape per run")
+    check_names(p, "--variants", args.variants, VARIANTS)
+    return args
+
+
+def _kernels(prof, device: torch.device) -> list[tuple[str, float, int]]:
+    """(name, self time in us, calls) of what ran on the device: CUDA kernels, or on the CPU the
+    aten ops. CPU ops nest (aten::linear calls aten::addmm): time is self time, and calls count
+    only ops that spent at least half their time in themselves, not the dispatching wrappers."""
+    if device.type == "cuda":
+        return [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                if e.device_type == DeviceType.CUDA]
+    return [(e.key, e.self_cpu_time_total, e.count if 2 * e.self_cpu_time_total >= e.cpu_time_total
+             else 0) for e in prof.key_averages()]
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    shape = (SMALL_SHAPES if args.small else SHAPES)[args.shape]
+    dim, heads = (32, 2) if args.small else (384, 6)
     options = compile_options()
     if args.pointwise_autotune:
         del options["triton.autotune_pointwise"]
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    tables = {}
     for name in args.variants.split(","):
-        model = build_model(VARIANTS[name], 384, 6, 12, 4).to(device)
+        model = build_model(VARIANTS[name], dim, heads, 12, len(CAPACITIES)).to(device)
         run = torch.compile(model, options=options) if args.compiled else model
-        inputs = make_inputs(shape, 384, device)
+        inputs = make_inputs(shape, dim, device)
         model.train(args.train)
-        opt = torch.optim.AdamW(model.parameters(), fused=True)
+        opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
 
         def once():
             with torch.set_grad_enabled(args.train), _autocast(device):
@@ -50,15 +100,23 @@ def main(argv: list[str] | None = None) -> None:
 
         for _ in range(3):
             once()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
+        _sync(device)
+        with profile(activities=[activity]) as prof:
+            for _ in range(ITERATIONS):
                 once()
-            torch.cuda.synchronize()
+            _sync(device)
         mode = "compiled" if args.compiled else "eager"
-        print(f"== {shape.name} {name} {mode} {'train' if args.train else 'infer'} (3 iterations)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top,
+        print(f"== {shape.name} {name} {mode} {'train' if args.train else 'infer'} "
+              f"({ITERATIONS} iterations)")
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.top,
                                         max_name_column_width=60))
+        tables[name] = kinds.by_kind(_kernels(prof, device), ITERATIONS)
+    if args.by_kind:
+        step = "training step" if args.train else "forward"
+        print(f"\n== {shape.name}, kernel time by kind, us per {step} (calls per {step})")
+        print(kinds.markdown(tables, args.scale))
+    return tables
 
 
 if __name__ == "__main__":
