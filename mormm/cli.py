@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
 )
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mormm.data import LogSkippedSamples, ShardDataModule
 from mormm.lit import MoRModule
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         command = "mormm " + (args[0] if args and args[0] in MoRCLI.subcommands() else "")
         print(f"error: {e}\n(options: {command.strip()} --help)", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # a user error with its own clear message
+    # A user error with its own clear message; Lightning raises MisconfigurationException for the
+    # Trainer settings it rejects (max_epochs -3, GPUs asked of a machine without any).
+    except (ValueError, FileNotFoundError, MisconfigurationException) as e:
         return user_error(e)
     return 0
 

@@ -106,6 +106,17 @@ def test_unknown_option_is_a_short_clear_error(tmp_path: Path, capsys):
     assert "unrecognized arguments: --trainer.max_epochz 3" in err and "usage:" not in err
 
 
+@pytest.mark.parametrize("override, message", [
+    (["--trainer.max_epochs", "-3"], "`max_epochs` must be a non-negative integer or -1"),
+    (["--trainer.accelerator", "mps"], "MPSAccelerator` can not run on your system"),
+])
+def test_trainer_setting_lightning_rejects_is_a_short_clear_error(override, message, tmp_path: Path,
+                                                                   capsys):
+    assert main(["fit", "--config", QUICKSTART, *small(tmp_path), *override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) < 10
+
+
 def test_progress_bar_can_be_disabled(tmp_path: Path):
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
