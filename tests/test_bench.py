@@ -61,3 +61,10 @@ def test_harness_names_an_unknown_shape_variant_or_mode(capsys):
             main(["bench", "--small", "--device", "cpu", flag, value])
         err = capsys.readouterr().err
         assert f"{flag}: unknown '{value.split(',')[1]}'; choose from {choices}" in err
+
+
+def test_harness_names_a_device_it_cannot_use(capsys):
+    with pytest.raises(SystemExit):  # no GPU here, or not 100 of them
+        main(["bench", "--small", "--device", "cuda:99"])
+    err = capsys.readouterr().err
+    assert "--device cuda:99: not usable here (" in err and "--device cpu --small" in err

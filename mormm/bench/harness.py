@@ -307,6 +307,16 @@ def check_names(parser: argparse.ArgumentParser, flag: str, value: str, known) -
                      f"choose from {','.join(known)}")
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # no such device type, no driver, index too high
+        why = str(e).splitlines()[0]
+        why = why if len(why) <= 160 else why[:160] + "..."
+        parser.error(f"--device {device}: not usable here ({why}); "
+                     "--device cpu --small runs the CPU smoke test")
+
+
 def _compiled(model: nn.Module, mode: str):
     if mode in ("eager", "graphed"):
         return model
@@ -538,6 +548,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for flag, known in (("--shapes", SHAPES), ("--variants", VARIANTS), ("--modes", MODES)):
         check_names(p, flag, getattr(args, flag[2:]), known)
+    check_device(p, args.device)
     if args.precision == "bf16" and args.train:
         p.error("--precision bf16 times inference only (bf16 weights are not trained with "
                 "AdamW here); add --no-train")

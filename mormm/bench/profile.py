@@ -28,6 +28,7 @@ from mormm.bench.harness import (
     _autocast,
     _sync,
     build_model,
+    check_device,
     check_names,
     make_inputs,
 )
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "," in args.shape:
         p.error(f"--shape {args.shape}: one shape per run")
     check_names(p, "--variants", args.variants, VARIANTS)
+    check_device(p, args.device)
     return args
 
 
