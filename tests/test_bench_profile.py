@@ -47,6 +47,8 @@ def test_by_kind_sums_per_forward_in_table_order():
     assert "| matmul | 30.0 (2) | 15.0 (2) | -5.0 |" in md
     assert "| gelu | 10.0 (2) | 0.0 (0) | -6.7 |" in md
     assert "| all | 41.0 (7) | 15.0 (2) | -12.3 |" in md
+    # a CPU wrapper op counts no calls, but its self time still belongs to its kind
+    assert kinds.by_kind([("aten::layer_norm", 6.0, 0)], forwards=3) == {"layer norm": (2.0, 0.0)}
 
 
 def test_cpu_profile_counts_each_layers_kernels_once_per_forward(capsys):

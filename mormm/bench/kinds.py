@@ -48,7 +48,8 @@ def by_kind(kernels: Iterable[tuple[str, float, int]], forwards: int) -> dict[st
         entry = sums[kernel_kind(name)]
         entry[0] += us
         entry[1] += calls
-    return {kind: (us / forwards, calls / forwards) for kind, (us, calls) in sums.items() if calls}
+    return {kind: (us / forwards, calls / forwards) for kind, (us, calls) in sums.items()
+            if us or calls}
 
 
 def markdown(tables: dict[str, dict[str, tuple[float, float]]], scale: float | None = None) -> str:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
         mode = "compiled" if args.compiled else "eager"
         print(f"== {shape.name} {name} {mode} {'train' if args.train else 'infer'} "
               f"({ITERATIONS} iterations)")
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=args.top,
                                         max_name_column_width=60))
         tables[name] = kinds.by_kind(_kernels(prof, device), ITERATIONS)
