@@ -17,7 +17,8 @@ import time
 import torch
 
 from mormm.backbone import fused
-from mormm.bench.harness import SHAPES, VARIANTS, Shape, _autocast, build_model, make_inputs
+from mormm.bench.models import SHAPES, VARIANTS, Shape, build_model, make_inputs
+from mormm.bench.timing import autocast
 
 
 def _host_us(fn, n: int = 2000) -> float:
@@ -61,7 +62,7 @@ def forwards(dev: torch.device, shape: str, variants: list[str]) -> dict[str, li
         # and the cast reused by the rest (the harness opens a region per forward).
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.no_grad(), _autocast(dev):
+        with torch.no_grad(), autocast(dev):
             for _ in range(n):
                 model(*inputs)
         ms = (time.perf_counter() - t0) / n * 1e3

@@ -18,7 +18,8 @@ from unittest import mock
 import torch
 
 from mormm.backbone import layers
-from mormm.bench.harness import SHAPES, VARIANTS, Shape, _KernelCounter, build_model, make_inputs
+from mormm.bench.models import SHAPES, VARIANTS, Shape, build_model, make_inputs
+from mormm.bench.timing import KernelCounter
 
 
 def count(variant: str, shape: str, dim: int = 384, heads: int = 6) -> int:
@@ -28,7 +29,7 @@ def count(variant: str, shape: str, dim: int = 384, heads: int = 6) -> int:
     varlen = lambda q, k, v, keys: torch.ops.aten.clone(q)  # noqa: E731
     with mock.patch.object(layers, "_varlen_ok", lambda q: True), \
             mock.patch.object(layers, "_prefix_attention", varlen), \
-            torch.no_grad(), torch.autocast("cpu", torch.bfloat16), _KernelCounter() as kernels:
+            torch.no_grad(), torch.autocast("cpu", torch.bfloat16), KernelCounter() as kernels:
         model(*inputs)
     return kernels.ops
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mormm.backbone.layers import PrefixKeys, _prefix_attention
-from mormm.bench.harness import _timed
+from mormm.bench.timing import timed
 
 SHAPES = [(32, 1176), (32, 784), (32, 392), (128, 147), (128, 49), (64, 909), (64, 303)]
 HEADS, HEAD_DIM = 6, 64
@@ -30,7 +30,7 @@ HEADS, HEAD_DIM = 6, 64
 def _ms(fn, n: int = 30) -> float:
     for _ in range(3):
         fn()
-    return _timed(fn, torch.device("cuda"), n) * 1e3
+    return timed(fn, torch.device("cuda"), n) * 1e3
 
 
 def one(B: int, K: int) -> dict:

@@ -3,7 +3,7 @@
 import torch
 
 from encoders.tokens import Tokens
-from mormm.bench.harness import randomize_router  # noqa: F401  (routers start at zero)
+from mormm.bench.models import randomize_router  # noqa: F401  (routers start at zero)
 
 
 def random_tokens(B, N, dim, lengths=None, segments=None, seed=0, scale=1.0) -> Tokens:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mormm.bench.harness import SCHEMA, markdown, merge
+from mormm.bench.report import SCHEMA, markdown, merge
 from mormm.cli import main
 
 

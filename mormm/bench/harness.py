@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -34,265 +32,29 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn
 
-from encoders.tokens import Tokens
-from mormm.backbone import (
-    BackboneConfig,
-    ExpertChoiceRouter,
-    MoRBackbone,
-    TokenChoiceRouter,
-    compile_options,
+from mormm.backbone import compile_options
+from mormm.bench.models import (
+    CAPACITIES,
+    SHAPES,
+    SMALL_SHAPES,
+    VARIANTS,
+    Shape,
+    Variant,
+    build_model,
+    make_inputs,
 )
-
-SCHEMA = "mormm.bench/1"
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A batch of token streams on a row-major grid; the first grid axis is the segment axis
-    (video: tubelet time slices, audio: time steps, images: rows)."""
-
-    name: str
-    batch: int
-    grid: tuple[int, ...]
-    note: str = ""
-
-    @property
-    def tokens(self) -> int:
-        n = 1
-        for g in self.grid:
-            n *= g
-        return n
-
-
-SHAPES = {
-    "video": Shape("video", 32, (8, 14, 14), "16 x 224^2 frames, 2x16x16 tubelets"),
-    "audio10s": Shape("audio10s", 64, (101, 12), "10 s AST-like, 128 mel bins"),
-    "audio1s": Shape("audio1s", 256, (9, 12), "1 s AST-like"),
-    "image": Shape("image", 128, (14, 14), "224^2, 16x16 patches"),
-}
-SMALL_SHAPES = {
-    "video": Shape("video", 2, (4, 4, 4), "tiny"),
-    "audio10s": Shape("audio10s", 2, (12, 4), "tiny"),
-    "audio1s": Shape("audio1s", 2, (3, 4), "tiny"),
-    "image": Shape("image", 2, (4, 4), "tiny"),
-}
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    sharing: str = "cycle"
-    router: str | None = None  # "ec" expert-choice, "tc" token-choice
-    kv_mode: str = "recursion"
-    unit: str = "token"
-
-
-VARIANTS = {
-    v.name: v
-    for v in (
-        Variant("vanilla", sharing="none"),
-        Variant("recursive"),
-        Variant("mor_ec", router="ec"),
-        Variant("mor_ec_kvshare", router="ec", kv_mode="shared"),
-        Variant("mor_ec_segment", router="ec", unit="segment"),
-        Variant("mor_tc", router="tc"),
-        Variant("mor_tc_segment", router="tc", unit="segment"),
-    )
-}
-CAPACITIES = [1.0, 0.75, 0.5, 0.25]
-
-
-def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions: int,
-                fused_merge: bool = True) -> nn.Module:
-    config = BackboneConfig(
-        dim=dim,
-        num_heads=heads,
-        num_layers=layers,
-        num_recursions=recursions,
-        sharing=variant.sharing,
-        kv_mode=variant.kv_mode,
-        fused_merge=fused_merge,
-    )
-    router = None
-    if variant.router == "ec":
-        router = ExpertChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
-    elif variant.router == "tc":
-        router = TokenChoiceRouter(CAPACITIES[:recursions], unit=variant.unit)
-    backbone = MoRBackbone(config, router)
-    # Routers start at zero scores (every unit ties; token-choice units would all pick depth 1).
-    # A small random spread stands in for a trained router, whose selections and token-choice
-    # loads are what the timings should see.
-    randomize_router(backbone)
-    return _Bench(backbone)
-
-
-def randomize_router(backbone: MoRBackbone) -> None:
-    """Give the router's weights (zero at initialisation) a small random spread, std
-    0.1 / sqrt(fan-in), so that selections are decided by scores, not by ties."""
-    if backbone.router is not None:
-        with torch.no_grad():
-            for p in backbone.router.parameters():
-                p.normal_(0.0, 0.1 * p.shape[-1] ** -0.5)
-
-
-class _Bench(nn.Module):
-    """Plain-tensor entry point (compiles without a dataclass crossing the graph boundary)."""
-
-    def __init__(self, backbone: MoRBackbone) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, emb: Tensor, pos: Tensor, seg: Tensor, num_segments: int, seg_len: int):
-        # Grid rows as segments, laid out one after the other as tokenizers do (video time
-        # slices, audio windows).
-        tokens = Tokens(emb, pos, seg, torch.zeros_like(seg), None, num_segments, seg_len,
-                        contiguous_segments=True)
-        out = self.backbone(tokens)
-        return out.hidden, out.aux_loss
-
-
-def make_inputs(shape: Shape, dim: int, device: torch.device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    B, N = shape.batch, shape.tokens
-    emb = torch.randn(B, N, dim, generator=g).to(device)
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape.grid]
-    pos = torch.cartesian_prod(*axes).reshape(N, len(shape.grid))
-    seg = pos[:, 0].long()
-    num_segments, seg_len = shape.grid[0], N // shape.grid[0]
-    return (
-        emb,
-        pos.expand(B, N, -1).contiguous().to(device),
-        seg.expand(B, N).contiguous().to(device),
-        num_segments,
-        seg_len,
-    )
-
-
-# ---- timing ---------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, inner: int) -> float:
-    """Seconds per call of `inner` back-to-back calls."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / inner
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
-def _time_alternating(fns: list, device: torch.device, warmup: int, reps: int,
-                      inner: int) -> list[float]:
-    """Median seconds per call of each fn, timed in turns (rep 1 of every fn, then rep 2, ...)
-    so that a drift of the host or the GPU over the run (other tenants, clocks) falls on all of
-    them alike instead of on whichever rows ran during it. Eager short shapes are bound by the
-    host's speed, which varied by up to 2x between runs of this harness on one kind of machine.
-    Each turn starts with an untimed call: the first call after another model re-warms what the
-    switch evicted (on the H200, eager MoR-EC at 1 s audio timed 11.3 ms per call in turns of 3
-    against 6.3 ms run alone), and a deployed model has no neighbour to switch with."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for t, fn in zip(times, fns):
-            fn()
-            t.append(_timed(fn, device, inner))
-    return [statistics.median(t) for t in times]
-
-
-def _host_times(fns: list, device: torch.device, reps: int) -> list[float]:
-    """Median seconds the host takes to issue one call of each fn, from an idle device: its
-    Python, dispatch and kernel launches. The fns run a batch of one: with large kernels the
-    device's launch queue fills and blocks the host (an eager vanilla video forward took 16 ms to
-    issue at batch 32 on the H200), which would measure the device, not the host."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for t, fn in zip(times, fns):
-            fn()  # re-warm after the switch, as in _time_alternating
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-            _sync(device)
-    return [statistics.median(t) for t in times]
-
-
-def _peak(fn, device: torch.device, base: int) -> float | None:
-    """Peak allocated GiB while running fn once, over `base` bytes allocated before this case was
-    built (CUDA only): the case's own weights, optimizer state and activations, not those of the
-    other variants it alternates with."""
-    if device.type != "cuda":
-        fn()
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
-
-
-def _autocast(device: torch.device, cache: bool = True):
-    if device.type == "cuda":
-        # A captured CUDA graph must not rely on autocast's weight-cast cache (torch.cuda.graph).
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-    return torch.autocast("cpu", enabled=False)
-
-
-class _KernelCounter(TorchDispatchMode):
-    """Counts the aten ops of a forward that launch work (views and metadata ops excluded): in
-    eager mode each is a kernel launch paid on the host, the cost that dominates short shapes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
-            self.ops += 1
-        return out
-
-
-def count_flops(model: nn.Module, inputs, device) -> tuple[int, int]:
-    """FLOPs (torch.utils.flop_counter) and launching ops of one inference forward."""
-    model.eval()
-    with torch.no_grad(), _autocast(device), FlopCounterMode(display=False) as counter:
-        with _KernelCounter() as kernels:
-            model(*inputs)
-    return int(counter.get_total_flops()), kernels.ops
-
-
-def _graph(fn, device: torch.device):
-    """Capture fn (static shapes, no host syncs) in a CUDA graph; returns its replay."""
-    if device.type != "cuda":
-        raise RuntimeError("mode 'graphed' needs a CUDA device")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+from mormm.bench.report import SCHEMA, add_ratios, environment, markdown, merge, slug
+from mormm.bench.timing import (
+    autocast,
+    count_flops,
+    cuda_graph,
+    host_times,
+    peak,
+    sync,
+    time_alternating,
+)
 
 
 MODES = ("eager", "graphed", "compiled", "cudagraphs")
@@ -364,7 +126,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
     model.eval()
 
     def forward(batch: tuple):
-        with torch.no_grad(), _autocast(device, cache=mode != "graphed"):
+        with torch.no_grad(), autocast(device, cache=mode != "graphed"):
             return fn_model(*batch)
 
     infer = partial(forward, inputs)
@@ -373,11 +135,11 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
         host = partial(forward, tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs))
 
     if mode == "graphed":  # eager kernels, launched as one CUDA graph (inference only)
-        infer = _graph(infer, device)
+        infer = cuda_graph(infer, device)
     infer()
-    _sync(device)
+    sync(device)
     row["compile_s"] = time.perf_counter() - t0 if mode != "eager" else 0.0
-    row["infer_peak_gib"] = _peak(infer, device, base)
+    row["infer_peak_gib"] = peak(infer, device, base)
 
     step = None
     if args.train and (mode == "eager" or (mode != "graphed" and args.compiled_train)):
@@ -385,7 +147,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
         def step():
-            with _autocast(device):
+            with autocast(device):
                 hidden, aux = fn_model(*inputs)
                 loss = hidden.float().square().mean() + aux
             loss.backward()
@@ -393,7 +155,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
             opt.zero_grad(set_to_none=True)
 
         step()  # compile + optimizer state, outside the peak measurement
-        row["train_peak_gib"] = _peak(step, device, base)
+        row["train_peak_gib"] = peak(step, device, base)
     return Case(row, model, infer, step, host)
 
 
@@ -401,115 +163,20 @@ def measure_group(shape: Shape, cases: list[Case], args, device) -> None:
     """Time the cases of one shape and mode in turns; fills their rows."""
     for case in cases:
         case.model.eval()
-    for case, t in zip(cases, _time_alternating([c.infer for c in cases], device, args.warmup,
-                                                args.reps, args.inner)):
+    for case, t in zip(cases, time_alternating([c.infer for c in cases], device, args.warmup,
+                                               args.reps, args.inner)):
         case.row["infer_s"] = t
         case.row["clips_per_s"] = shape.batch / t
     timed = [c for c in cases if c.host is not None]
-    for case, t in zip(timed, _host_times([c.host for c in timed], device, args.reps)):
+    for case, t in zip(timed, host_times([c.host for c in timed], device, args.reps)):
         case.row["host_s"] = t
     trained = [c for c in cases if c.step is not None]
     for case in trained:
         case.model.train()
-    steps = _time_alternating([c.step for c in trained], device, args.warmup, args.reps,
-                              max(1, args.inner // 2))
+    steps = time_alternating([c.step for c in trained], device, args.warmup, args.reps,
+                             max(1, args.inner // 2))
     for case, t in zip(trained, steps):
         case.row["train_s"] = t
-
-
-# ---- reporting ------------------------------------------------------------------------------
-
-
-def _add_ratios(rows: list[dict]) -> None:
-    def key(r):
-        return r["shape"], r["mode"], r.get("precision", "autocast")
-
-    base = {key(r): r for r in rows if r["variant"] == "vanilla"}
-    for r in rows:
-        v = base.get(key(r))
-        if v is None:
-            continue
-        r["speedup"] = v["infer_s"] / r["infer_s"]
-        r["flop_bound"] = v["flops"] / r["flops"]
-        r["bound_fraction"] = r["speedup"] / r["flop_bound"]
-        if "train_s" in r and "train_s" in v:
-            r["train_time_ratio"] = r["train_s"] / v["train_s"]
-            if r.get("train_peak_gib") and v.get("train_peak_gib"):
-                r["train_mem_ratio"] = r["train_peak_gib"] / v["train_peak_gib"]
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
-
-
-def markdown(result: dict) -> str:
-    env = result["env"]
-    lines = [
-        f"# mormm bench: {env['device_name']}",
-        "",
-        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; "
-        f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
-        f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
-        f"{result['model']['capacities']}"
-        f"{'' if result['model'].get('fused_merge', True) else ', unfused step merges'}"
-        "; precision: "
-        f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
-        "mode says bf16 (bf16 weights and activations, inference only).",
-        "",
-        "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
-        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; host ms = the "
-        "host's time to issue one eager forward (timed at batch 1; near infer ms, the row is "
-        "host-bound and follows the host's speed); kernels = aten ops that launch work in one "
-        "eager forward (counted on the unfused ops: on CUDA, fused step merges launch 10 fewer "
-        "per expert-choice forward at N_r = 4); train and mem = training step time and peak "
-        "memory over vanilla's.",
-        "",
-    ]
-    for shape in result["shapes"]:
-        rows = [r for r in result["rows"] if r["shape"] == shape["name"]]
-        if not rows:
-            continue
-        lines += [
-            f"## {shape['name']}: batch {shape['batch']} x {shape['tokens']} tokens ({shape['note']})",
-            "",
-            "| variant | mode | infer ms | host ms | clips/s | speedup | bound | frac | GFLOP | kernels | train ms | train | peak GiB | mem |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['variant']} | {r['mode']}{' bf16' if r.get('precision') == 'bf16' else ''} "
-                f"| {r['infer_s'] * 1e3:.2f} "
-                f"| {_fmt(r.get('host_s') and r['host_s'] * 1e3, '.2f')} | {r['clips_per_s']:.0f} "
-                f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('flop_bound'), '.2f')} "
-                f"| {_fmt(r.get('bound_fraction'), '.2f')} | {r['flops'] / 1e9:.1f} "
-                f"| {_fmt(r.get('kernels'), 'd')} "
-                f"| {_fmt(r.get('train_s') and r['train_s'] * 1e3, '.2f')} "
-                f"| {_fmt(r.get('train_time_ratio'), '.2f')} "
-                f"| {_fmt(r.get('train_peak_gib'), '.2f')} | {_fmt(r.get('train_mem_ratio'), '.2f')} |"
-            )
-        lines.append("")
-    if result.get("errors"):
-        lines += ["## errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
-    return "\n".join(lines)
-
-
-def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "device": device.type,
-        "device_name": name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "python": platform.python_version(),
-    }
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "device"
-
-
-# ---- entry points ---------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -599,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     plan = _plan(args)
     table = SMALL_SHAPES if args.small else SHAPES
-    # The variants of one shape and mode are timed in turns (see _time_alternating); a compiled
+    # The variants of one shape and mode are timed in turns (see time_alternating); a compiled
     # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     groups: dict[tuple[str, str], list[tuple[Shape, Variant, str]]] = {}
@@ -653,20 +320,8 @@ def run(args: argparse.Namespace) -> dict:
                               for k, x in case.row.items()}), flush=True)
         del cases
         torch._dynamo.reset()
-    _add_ratios(result["rows"])
+    add_ratios(result["rows"])
     return result
-
-
-def merge(paths: list[str]) -> dict:
-    """Combine result files of one device (e.g. an eager call and a compiled call) into one."""
-    results = [json.loads(Path(p).read_text()) for p in paths]
-    out = dict(results[0])
-    out["rows"] = [r for res in results for r in res["rows"]]
-    out["errors"] = [e for res in results for e in res["errors"]]
-    names = {s["name"]: s for res in results for s in res["shapes"]}
-    out["shapes"] = list(names.values())
-    _add_ratios(out["rows"])
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -688,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = args.name or _slug(result["env"]["device_name"])
+        stem = args.name or slug(result["env"]["device_name"])
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         (out / f"{stem}.md").write_text(md)
     print(md)

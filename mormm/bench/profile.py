@@ -20,18 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from mormm.backbone import compile_options
 from mormm.bench import kinds
-from mormm.bench.harness import (
-    CAPACITIES,
-    SHAPES,
-    SMALL_SHAPES,
-    VARIANTS,
-    _autocast,
-    _sync,
-    build_model,
-    check_device,
-    check_names,
-    make_inputs,
-)
+from mormm.bench.harness import check_device, check_names
+from mormm.bench.models import CAPACITIES, SHAPES, SMALL_SHAPES, VARIANTS, build_model, make_inputs
+from mormm.bench.timing import autocast, sync
 
 ITERATIONS = 3
 
@@ -92,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
         opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
 
         def once():
-            with torch.set_grad_enabled(args.train), _autocast(device):
+            with torch.set_grad_enabled(args.train), autocast(device):
                 hidden, aux = run(*inputs)
                 loss = hidden.float().square().mean() + aux
             if args.train:
@@ -102,11 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
 
         for _ in range(3):
             once()
-        _sync(device)
+        sync(device)
         with profile(activities=[activity]) as prof:
             for _ in range(ITERATIONS):
                 once()
-            _sync(device)
+            sync(device)
         mode = "compiled" if args.compiled else "eager"
         print(f"== {shape.name} {name} {mode} {'train' if args.train else 'infer'} "
               f"({ITERATIONS} iterations)")

@@ -1,0 +1,113 @@
+"""What the harness writes: ratios against the vanilla row of the same shape and mode, the
+environment, the markdown table, and the merge of several calls' result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+SCHEMA = "mormm.bench/1"
+
+
+def add_ratios(rows: list[dict]) -> None:
+    def key(r):
+        return r["shape"], r["mode"], r.get("precision", "autocast")
+
+    base = {key(r): r for r in rows if r["variant"] == "vanilla"}
+    for r in rows:
+        v = base.get(key(r))
+        if v is None:
+            continue
+        r["speedup"] = v["infer_s"] / r["infer_s"]
+        r["flop_bound"] = v["flops"] / r["flops"]
+        r["bound_fraction"] = r["speedup"] / r["flop_bound"]
+        if "train_s" in r and "train_s" in v:
+            r["train_time_ratio"] = r["train_s"] / v["train_s"]
+            if r.get("train_peak_gib") and v.get("train_peak_gib"):
+                r["train_mem_ratio"] = r["train_peak_gib"] / v["train_peak_gib"]
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    lines = [
+        f"# mormm bench: {env['device_name']}",
+        "",
+        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; "
+        f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
+        f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
+        f"{result['model']['capacities']}"
+        f"{'' if result['model'].get('fused_merge', True) else ', unfused step merges'}"
+        "; precision: "
+        f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
+        "mode says bf16 (bf16 weights and activations, inference only).",
+        "",
+        "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
+        "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; host ms = the "
+        "host's time to issue one eager forward (timed at batch 1; near infer ms, the row is "
+        "host-bound and follows the host's speed); kernels = aten ops that launch work in one "
+        "eager forward (counted on the unfused ops: on CUDA, fused step merges launch 10 fewer "
+        "per expert-choice forward at N_r = 4); train and mem = training step time and peak "
+        "memory over vanilla's.",
+        "",
+    ]
+    for shape in result["shapes"]:
+        rows = [r for r in result["rows"] if r["shape"] == shape["name"]]
+        if not rows:
+            continue
+        lines += [
+            f"## {shape['name']}: batch {shape['batch']} x {shape['tokens']} tokens ({shape['note']})",
+            "",
+            "| variant | mode | infer ms | host ms | clips/s | speedup | bound | frac | GFLOP | kernels | train ms | train | peak GiB | mem |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['variant']} | {r['mode']}{' bf16' if r.get('precision') == 'bf16' else ''} "
+                f"| {r['infer_s'] * 1e3:.2f} "
+                f"| {_fmt(r.get('host_s') and r['host_s'] * 1e3, '.2f')} | {r['clips_per_s']:.0f} "
+                f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('flop_bound'), '.2f')} "
+                f"| {_fmt(r.get('bound_fraction'), '.2f')} | {r['flops'] / 1e9:.1f} "
+                f"| {_fmt(r.get('kernels'), 'd')} "
+                f"| {_fmt(r.get('train_s') and r['train_s'] * 1e3, '.2f')} "
+                f"| {_fmt(r.get('train_time_ratio'), '.2f')} "
+                f"| {_fmt(r.get('train_peak_gib'), '.2f')} | {_fmt(r.get('train_mem_ratio'), '.2f')} |"
+            )
+        lines.append("")
+    if result.get("errors"):
+        lines += ["## errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+    }
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "device"
+
+
+def merge(paths: list[str]) -> dict:
+    """Combine result files of one device (e.g. an eager call and a compiled call) into one."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    out = dict(results[0])
+    out["rows"] = [r for res in results for r in res["rows"]]
+    out["errors"] = [e for res in results for e in res["errors"]]
+    names = {s["name"]: s for res in results for s in res["shapes"]}
+    out["shapes"] = list(names.values())
+    add_ratios(out["rows"])
+    return out
