@@ -13,13 +13,16 @@ from mormm.cli import main
 def test_harness_writes_json_and_markdown(tmp_path):
     assert 0 == main(["bench", "--small", "--device", "cpu", "--shapes", "image,audio1s",
           "--variants", "vanilla,mor_ec,mor_tc_segment", "--modes", "eager",
-          "--reps", "1", "--inner", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "cpu"])
+          "--reps", "1", "--inner", "1", "--warmup", "0", "--batch", "3", "--out", str(tmp_path),
+          "--name", "cpu"])
     result = json.loads((tmp_path / "cpu.json").read_text())
     md = (tmp_path / "cpu.md").read_text()
     assert result["schema"] == SCHEMA
-    assert {"device", "device_name", "torch", "cuda", "python"} <= set(result["env"])
+    assert {"device", "device_name", "torch", "cuda", "python", "cpu_threads"} <= set(result["env"])
+    assert f"{result['env']['cpu_threads']} CPU threads" in md
     assert not result["errors"]
     assert len(result["rows"]) == 2 * 3
+    assert {r["batch"] for r in result["rows"]} == {3} and "## image: batch 3 x 16 tokens" in md
     for row in result["rows"]:
         for key in ("shape", "variant", "mode", "batch", "tokens", "flops", "infer_s", "host_s",
                     "clips_per_s", "train_s", "speedup", "flop_bound", "bound_fraction", "kernels",

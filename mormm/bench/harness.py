@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -200,6 +200,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="routed steps end in the unfused ops (BackboneConfig.fused_merge)")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None,
+                   help="clips per batch for every shape (default: each shape's own, e.g. 32 "
+                        "videos; a CPU or a small GPU needs fewer)")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--recursions", type=int, default=4)
     p.add_argument("--warmup", type=int, default=None)
@@ -216,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, known in (("--shapes", SHAPES), ("--variants", VARIANTS), ("--modes", MODES)):
         check_names(p, flag, getattr(args, flag[2:]), known)
     check_device(p, args.device)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch {args.batch}: give at least 1 clip per batch")
     if args.precision == "bf16" and args.train:
         p.error("--precision bf16 times inference only (bf16 weights are not trained with "
                 "AdamW here); add --no-train")
@@ -232,8 +237,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _plan(args) -> list[tuple[Shape, Variant, str]]:
+def shape_table(args) -> dict[str, Shape]:
     table = SMALL_SHAPES if args.small else SHAPES
+    if args.batch is None:
+        return table
+    return {name: replace(shape, batch=args.batch) for name, shape in table.items()}
+
+
+def _plan(args) -> list[tuple[Shape, Variant, str]]:
+    table = shape_table(args)
     shapes = [table[s] for s in args.shapes.split(",") if s]
     variants = [VARIANTS[v] for v in args.variants.split(",") if v]
     modes = [m for m in args.modes.split(",") if m]
@@ -265,7 +277,7 @@ def _warm(argv: list[str], plan, jobs: int) -> None:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     plan = _plan(args)
-    table = SMALL_SHAPES if args.small else SHAPES
+    table = shape_table(args)
     # The variants of one shape and mode are timed in turns (see time_alternating); a compiled
     # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)

@@ -36,10 +36,14 @@ def _fmt(x, spec):
 
 def markdown(result: dict) -> str:
     env = result["env"]
+    threads = ""
+    if env["device"] == "cpu" and "cpu_threads" in env:  # older result files lack it
+        threads = f", {env['cpu_threads']} CPU threads"
     lines = [
         f"# mormm bench: {env['device_name']}",
         "",
-        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; "
+        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}"
+        f"{threads}; "
         f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
         f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
         f"{result['model']['capacities']}"
@@ -86,7 +90,7 @@ def markdown(result: dict) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": device.type,
         "device_name": name,
@@ -94,7 +98,19 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
     }
+
+
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux machines; /proc/cpuinfo names the model.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def slug(name: str) -> str:
