@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def shape_table(args) -> dict[str, Shape]:
+def _shape_table(args) -> dict[str, Shape]:
     table = SMALL_SHAPES if args.small else SHAPES
     if args.batch is None:
         return table
@@ -245,7 +245,7 @@ def shape_table(args) -> dict[str, Shape]:
 
 
 def _plan(args) -> list[tuple[Shape, Variant, str]]:
-    table = shape_table(args)
+    table = _shape_table(args)
     shapes = [table[s] for s in args.shapes.split(",") if s]
     variants = [VARIANTS[v] for v in args.variants.split(",") if v]
     modes = [m for m in args.modes.split(",") if m]
@@ -277,7 +277,7 @@ def _warm(argv: list[str], plan, jobs: int) -> None:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     plan = _plan(args)
-    table = shape_table(args)
+    table = _shape_table(args)
     # The variants of one shape and mode are timed in turns (see time_alternating); a compiled
     # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
