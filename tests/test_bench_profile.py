@@ -10,7 +10,7 @@ from mormm.bench.profile import main as profile
 
 
 @pytest.mark.parametrize("name, kind", [
-    # kernel names as the H200 profiles printed them (cuBLAS, cuDNN, inductor, mormm's Triton)
+    # kernel names in the forms the H200 profiles print (cuBLAS, cuDNN, inductor, mormm's Triton)
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1", "attention"),
     ("triton_poi_fused_gelu_view_5", "gelu"),

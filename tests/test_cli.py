@@ -108,7 +108,8 @@ def test_unknown_option_is_a_short_clear_error(tmp_path: Path, capsys):
 
 @pytest.mark.parametrize("override, message", [
     (["--trainer.max_epochs", "-3"], "`max_epochs` must be a non-negative integer or -1"),
-    (["--trainer.accelerator", "mps"], "MPSAccelerator` can not run on your system"),
+    pytest.param(["--trainer.accelerator", "mps"], "MPSAccelerator` can not run on your system",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has MPS")),
 ])
 def test_trainer_setting_lightning_rejects_is_a_short_clear_error(override, message, tmp_path: Path,
                                                                    capsys):
