@@ -52,8 +52,8 @@ def test_by_kind_sums_per_forward_in_table_order():
 
 
 def test_cpu_profile_counts_each_layers_kernels_once_per_forward(capsys):
-    tables = profile(["--device", "cpu", "--small", "--shape", "audio1s", "--variants",
-                      "vanilla,mor_ec", "--by-kind", "--top", "3"])
+    tables = profile(["--device", "cpu", "--small", "--shape", "audio1s", "--batch", "1",
+                      "--variants", "vanilla,mor_ec", "--by-kind", "--top", "3"])
     vanilla, mor = tables["vanilla"], tables["mor_ec"]
     # 12 effective layers in both: one attention each, two layer norms each plus the final one
     for table in (vanilla, mor):
@@ -72,3 +72,6 @@ def test_profile_names_an_unknown_shape_or_variant(capsys):
     with pytest.raises(SystemExit):
         profile(["--device", "cpu", "--small", "--variants", "vanilla,mor"])
     assert "--variants: unknown 'mor'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile(["--device", "cpu", "--small", "--batch", "0"])
+    assert "--batch 0: give at least 1 clip per batch" in capsys.readouterr().err

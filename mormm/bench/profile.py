@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 from torch.autograd import DeviceType
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default="video", help="one of " + ",".join(SHAPES))
     p.add_argument("--variants", default="vanilla,mor_ec", help="comma list of " + ",".join(VARIANTS))
     p.add_argument("--small", action="store_true", help="the harness's tiny shapes and width")
+    p.add_argument("--batch", type=int, default=None, help="clips per batch (default: the shape's)")
     p.add_argument("--train", action="store_true")
     p.add_argument("--top", type=int, default=12, help="rows of each variant's kernel table")
     p.add_argument("--compiled", action="store_true", help="profile the torch.compile'd model")
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--shape {args.shape}: one shape per run")
     check_names(p, "--variants", args.variants, VARIANTS)
     check_device(p, args.device)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch {args.batch}: give at least 1 clip per batch")
     return args
 
 
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
     shape = (SMALL_SHAPES if args.small else SHAPES)[args.shape]
+    if args.batch is not None:
+        shape = replace(shape, batch=args.batch)
     dim, heads = (32, 2) if args.small else (384, 6)
     options = compile_options()
     if args.pointwise_autotune:
