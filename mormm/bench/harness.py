@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -38,12 +38,13 @@ from mormm.backbone import compile_options
 from mormm.bench.models import (
     CAPACITIES,
     SHAPES,
-    SMALL_SHAPES,
     VARIANTS,
     Shape,
     Variant,
     build_model,
     make_inputs,
+    shape_table,
+    width,
 )
 from mormm.bench.report import SCHEMA, add_ratios, environment, markdown, merge, slug
 from mormm.bench.timing import (
@@ -77,6 +78,11 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> None:
         why = why if len(why) <= 160 else why[:160] + "..."
         parser.error(f"--device {device}: not usable here ({why}); "
                      "--device cpu --small runs the CPU smoke test")
+
+
+def check_batch(parser: argparse.ArgumentParser, batch: int | None) -> None:
+    if batch is not None and batch < 1:
+        parser.error(f"--batch {batch}: give at least 1 clip per batch")
 
 
 def _compiled(model: nn.Module, mode: str):
@@ -219,15 +225,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, known in (("--shapes", SHAPES), ("--variants", VARIANTS), ("--modes", MODES)):
         check_names(p, flag, getattr(args, flag[2:]), known)
     check_device(p, args.device)
-    if args.batch is not None and args.batch < 1:
-        p.error(f"--batch {args.batch}: give at least 1 clip per batch")
+    check_batch(p, args.batch)
     if args.precision == "bf16" and args.train:
         p.error("--precision bf16 times inference only (bf16 weights are not trained with "
                 "AdamW here); add --no-train")
+    dim, heads = width(args.small)
     if args.dim is None:
-        args.dim = 32 if args.small else 384
+        args.dim = dim
     if args.heads is None:
-        args.heads = 2 if args.small else 6
+        args.heads = heads
     if args.warmup is None:
         args.warmup = 1 if args.small else 5
     if args.reps is None:
@@ -237,15 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _shape_table(args) -> dict[str, Shape]:
-    table = SMALL_SHAPES if args.small else SHAPES
-    if args.batch is None:
-        return table
-    return {name: replace(shape, batch=args.batch) for name, shape in table.items()}
-
-
 def _plan(args) -> list[tuple[Shape, Variant, str]]:
-    table = _shape_table(args)
+    table = shape_table(args.small, args.batch)
     shapes = [table[s] for s in args.shapes.split(",") if s]
     variants = [VARIANTS[v] for v in args.variants.split(",") if v]
     modes = [m for m in args.modes.split(",") if m]
@@ -277,7 +276,7 @@ def _warm(argv: list[str], plan, jobs: int) -> None:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     plan = _plan(args)
-    table = _shape_table(args)
+    table = shape_table(args.small, args.batch)
     # The variants of one shape and mode are timed in turns (see time_alternating); a compiled
     # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)

@@ -3,7 +3,7 @@ effective depth, DESIGN.md section 3), and a model and random inputs for each.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,19 @@ SMALL_SHAPES = {
     "audio1s": Shape("audio1s", 2, (3, 4), "tiny"),
     "image": Shape("image", 2, (4, 4), "tiny"),
 }
+
+
+def shape_table(small: bool, batch: int | None = None) -> dict[str, Shape]:
+    """The realistic shapes, or the CPU smoke test's tiny ones; `batch` replaces each one's."""
+    table = SMALL_SHAPES if small else SHAPES
+    if batch is None:
+        return table
+    return {name: replace(shape, batch=batch) for name, shape in table.items()}
+
+
+def width(small: bool) -> tuple[int, int]:
+    """(dim, heads): DESIGN.md section 3's 384 x 6, or the smoke test's 32 x 2."""
+    return (32, 2) if small else (384, 6)
 
 
 @dataclass(frozen=True)

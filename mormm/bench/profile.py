@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 import torch
 from torch.autograd import DeviceType
@@ -21,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from mormm.backbone import compile_options
 from mormm.bench import kinds
-from mormm.bench.harness import check_device, check_names
-from mormm.bench.models import CAPACITIES, SHAPES, SMALL_SHAPES, VARIANTS, build_model, make_inputs
+from mormm.bench.harness import check_batch, check_device, check_names
+from mormm.bench.models import CAPACITIES, SHAPES, VARIANTS, build_model, make_inputs, shape_table, width
 from mormm.bench.timing import autocast, sync
 
 ITERATIONS = 3
@@ -53,8 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--shape {args.shape}: one shape per run")
     check_names(p, "--variants", args.variants, VARIANTS)
     check_device(p, args.device)
-    if args.batch is not None and args.batch < 1:
-        p.error(f"--batch {args.batch}: give at least 1 clip per batch")
+    check_batch(p, args.batch)
     return args
 
 
@@ -72,10 +70,8 @@ def _kernels(prof, device: torch.device) -> list[tuple[str, float, int]]:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
-    shape = (SMALL_SHAPES if args.small else SHAPES)[args.shape]
-    if args.batch is not None:
-        shape = replace(shape, batch=args.batch)
-    dim, heads = (32, 2) if args.small else (384, 6)
+    shape = shape_table(args.small, args.batch)[args.shape]
+    dim, heads = width(args.small)
     options = compile_options()
     if args.pointwise_autotune:
         del options["triton.autotune_pointwise"]
