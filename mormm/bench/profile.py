@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pointwise-autotune", action="store_true",
                    help="compiled with inductor's pointwise autotuning on, its own default "
                         "(mormm turns it off: mormm/backbone/inductor.py)")
+    p.add_argument("--no-fused-merge", dest="fused_merge", action="store_false",
+                   help="routed steps end in the unfused ops (BackboneConfig.fused_merge)")
     p.add_argument("--by-kind", action="store_true",
                    help="also print kernel time per forward by kind, the variants side by side")
     p.add_argument("--scale", type=float,
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     tables = {}
     for name in args.variants.split(","):
-        model = build_model(VARIANTS[name], dim, heads, 12, len(CAPACITIES)).to(device)
+        model = build_model(VARIANTS[name], dim, heads, 12, len(CAPACITIES),
+                            args.fused_merge).to(device)
         run = torch.compile(model, options=options) if args.compiled else model
         inputs = make_inputs(shape, dim, device)
         model.train(args.train)
