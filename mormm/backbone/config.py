@@ -33,10 +33,10 @@ class BackboneConfig:
                     "delta" gives h + g * (f(h) - h) (only the block's change is gated);
                     "output" gives h + g * f(h), as in the official MoR code, where f(h) carries
                     its own residual. Ignored without a router (plain recursion: h <- f(h)).
-    fused_merge:    at inference on CUDA, end each routed step in one Triton kernel (the last
-                    residual add, the gated update and the next router's scores; fused.py)
-                    instead of three passes over the step's rows. Same numbers up to fp32
-                    rounding of the scores; False keeps the unfused ops.
+    fused_merge:    at inference on CUDA, eager or compiled, end each routed step in one
+                    Triton kernel (the last residual add, the gated update and the next
+                    router's scores; fused.py) instead of three passes over the step's rows.
+                    Same numbers up to fp32 rounding of the scores; False keeps the unfused ops.
     """
 
     dim: int = 192

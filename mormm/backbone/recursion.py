@@ -294,12 +294,18 @@ class MoRBackbone(nn.Module):
 
     def _fuses(self, x: Tensor) -> bool:
         """Whether this forward's routed steps end in fused.merge_rows: inference (the kernel
-        has no backward), eager (a compiled graph fuses these ops itself), a device it runs on,
-        and no dispatch mode watching the ops (a FLOP or launch counter then sees the unfused
-        ops, which do the same work; the kernel would be invisible to it)."""
-        return (self.config.fused_merge and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and fused.runs_on(x)
-                and torch._C._len_torch_dispatch_stack() == 0)
+        has no backward), a device it runs on, and no dispatch mode watching the ops (a FLOP or
+        launch counter then sees the unfused ops, which do the same work; the kernel would be
+        invisible to it). Under torch.compile on CUDA the kernel is traced into the graph as a
+        user Triton kernel: inductor fuses the unfused ops too, but its merges also wrote each
+        working set into a copy for the scatter back, and per-token routing at the long shapes
+        ran 1-2 % slower with them (launch-bound short shapes: from 2 % slower to 4 % faster;
+        per segment: the same; benchmarks/results/nvidia-h200-compiled-merge.md)."""
+        if not (self.config.fused_merge and not torch.is_grad_enabled()):
+            return False
+        if torch.compiler.is_compiling():
+            return x.is_cuda and fused.triton is not None
+        return fused.runs_on(x) and torch._C._len_torch_dispatch_stack() == 0
 
     def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate, fuse, nxt, stream=None,
                 where=None, taken=None):
@@ -406,9 +412,10 @@ def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | No
 
 def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor) -> tuple[Tensor, Tensor | None]:
     """The rows (B, K, D) and rotary tables of the tokens at positions `where` (B, K) of the
-    sequence `stream` (fused steps, which keep their working set there)."""
-    rows = fused.gather_rows(stream, where)
-    return rows, None if rope is None else fused.gather_rows(rope, where)
+    sequence `stream` (fused steps, which keep their working set there). Compiled, as a gather
+    that inductor fuses into the kernels reading the rows (the first norm, the rotary apply)."""
+    gather = gather_rows if torch.compiler.is_compiling() else fused.gather_rows
+    return gather(stream, where), None if rope is None else gather(rope, where)
 
 
 def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:
