@@ -4,7 +4,9 @@ per-forward counts of a real CPU profile match the model's structure."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from mormm.backbone import fused
 from mormm.bench import kinds
 from mormm.bench.profile import main as profile
 
@@ -75,3 +77,18 @@ def test_profile_names_an_unknown_shape_or_variant(capsys):
     with pytest.raises(SystemExit):
         profile(["--device", "cpu", "--small", "--batch", "0"])
     assert "--batch 0: give at least 1 clip per batch" in capsys.readouterr().err
+
+
+def test_profile_without_fused_merges_shows_the_unfused_ops():
+    """--no-fused-merge builds the models with BackboneConfig.fused_merge off: each of the four
+    routed steps ends in an aten lerp. Fused, the step ends in the Triton kernel, which on the
+    CPU runs in Triton's interpreter (tests/conftest.py), outside the aten ops profiled."""
+    args = ["--device", "cpu", "--small", "--shape", "audio1s", "--batch", "1",
+            "--variants", "mor_ec", "--top", "1"]
+    unfused = profile(args + ["--no-fused-merge"])["mor_ec"]
+    assert unfused["merge"][1] == 4
+    fused_table = profile(args)["mor_ec"]
+    if fused.runs_on(torch.zeros(1)):
+        assert "merge" not in fused_table
+    else:
+        assert fused_table["merge"][1] == 4
