@@ -19,6 +19,12 @@ from mormm.bench.profile import main as profile
     ("triton_poi_fused__to_copy_gelu_view_7", "gelu"),  # the GELU, not the cast it fused
     ("triton_per_fused__to_copy_add_native_layer_norm_3", "layer norm"),
     ("triton_poi_fused_add_cat_flip_index_mul_9", "rotary apply"),
+    # compiled: the kernel that lays out SDPA's inputs carries the attention op in its name (the
+    # H200 profile printed it cut at `..._cudnn_attention__to_`); it is the rotary apply and
+    # cast of q, k, v, not attention
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_cat_flip_mul_6",
+     "rotary apply"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_8", "cast"),
     ("triton_poi_fused_cat_cos_neg_sin_stack_1", "rotary table"),
     ("_merge_rows", "merge"),
     ("triton_poi_fused_lerp_scatter_4", "merge"),

@@ -31,9 +31,16 @@ KINDS: tuple[tuple[str, str], ...] = (
 )
 _COMPILED = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS]
 OTHER = "other"
+# Inductor never computes attention in a Triton kernel (SDPA runs cuDNN's or flash's), but names
+# the kernel that lays out SDPA's inputs after the op it feeds too:
+# `triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_...` is the rotary apply and
+# cast of q, k and v. The attention op is dropped from such names before matching.
+_SDPA_CONSUMER = re.compile(r"_scaled_dot_product_\w*?attention_?", re.IGNORECASE)
 
 
 def kernel_kind(name: str) -> str:
+    if name.startswith("triton_"):
+        name = _SDPA_CONSUMER.sub("", name)
     for kind, pattern in _COMPILED:
         if pattern.search(name):
             return kind
