@@ -19,18 +19,19 @@ import time
 import torch
 
 from mormm.backbone import compile_options
-from mormm.bench.models import SHAPES, VARIANTS, build_model, make_inputs
+from mormm.bench.models import CAPACITIES, SHAPES, VARIANTS, build_model, make_inputs, width
 from mormm.bench.report import environment
 from mormm.bench.timing import autocast, sync, time_alternating
 
 
 def run(shape: str, variants: list[str], rounds: int, dev: torch.device) -> list[dict]:
-    inputs = make_inputs(SHAPES[shape], 384, dev)
+    dim, heads = width(small=False)
+    inputs = make_inputs(SHAPES[shape], dim, dev)
     cases = [("vanilla", True)] + [(v, fused) for v in variants for fused in (False, True)]
     fns, outs, compile_s = [], {}, {}
     for v, fused in cases:
         torch.manual_seed(0)
-        model = build_model(VARIANTS[v], 384, 6, 12, 4, fused).to(dev).eval()
+        model = build_model(VARIANTS[v], dim, heads, 12, len(CAPACITIES), fused).to(dev).eval()
         compiled = torch.compile(model, options=compile_options())
 
         def forward(compiled=compiled):

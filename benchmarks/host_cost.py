@@ -17,7 +17,7 @@ import time
 import torch
 
 from mormm.backbone import fused
-from mormm.bench.models import SHAPES, VARIANTS, Shape, build_model, make_inputs
+from mormm.bench.models import CAPACITIES, VARIANTS, build_model, make_inputs, shape_table, width
 from mormm.bench.timing import autocast
 
 
@@ -50,11 +50,12 @@ def launches(dev: torch.device) -> dict[str, float]:
 
 
 def forwards(dev: torch.device, shape: str, variants: list[str]) -> dict[str, list[float]]:
-    inputs = make_inputs(Shape(shape, 1, SHAPES[shape].grid), 384, dev)
+    dim, heads = width(small=False)
+    inputs = make_inputs(shape_table(small=False, batch=1)[shape], dim, dev)
     models = {}
     for v in variants:
         name, _, option = v.partition("@")  # "mor_ec@unfused": fused merges off
-        models[v] = build_model(VARIANTS[name], 384, 6, 12, 4,
+        models[v] = build_model(VARIANTS[name], dim, heads, 12, len(CAPACITIES),
                                 fused_merge=option != "unfused").to(dev).eval()
 
     def host_ms(model, n: int = 50) -> float:
