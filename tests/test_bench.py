@@ -18,6 +18,8 @@ def test_harness_writes_json_and_markdown(tmp_path):
     result = json.loads((tmp_path / "cpu.json").read_text())
     md = (tmp_path / "cpu.md").read_text()
     assert result["schema"] == SCHEMA
+    assert result["timing"] == {"warmup": 0, "reps": 1, "inner": 1}
+    assert "median over 1 turns of 1 back-to-back forwards per variant, after 0 warm-up" in md
     assert {"device", "device_name", "torch", "cuda", "python", "cpu_threads"} <= set(result["env"])
     assert f"{result['env']['cpu_threads']} CPU threads" in md
     assert not result["errors"]
@@ -54,6 +56,12 @@ def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_p
         assert vanilla["speedup"] == 1.0
         assert mor["speedup"] == vanilla["infer_s"] / mor["infer_s"]
     assert "| mor_ec | eager bf16 |" in markdown(merged)
+    assert 0 == main([*common, "--no-train", "--inner", "2", "--name", "inner2"])
+    capsys.readouterr()
+    assert 2 == main(["bench", "merge", str(tmp_path / "both"), str(tmp_path / "fp32.json"),
+                      str(tmp_path / "inner2.json")])
+    assert "inner2.json timed" in capsys.readouterr().err
+    assert not (tmp_path / "both.json").exists()  # tables timed apart are not merged
 
 
 def test_harness_names_an_unknown_shape_variant_or_mode(capsys):

@@ -213,7 +213,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recursions", type=int, default=4)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--inner", type=int, default=None)
+    p.add_argument("--inner", type=int, default=None,
+                   help="forwards per timed burst (default 4 on a GPU). A GPU at its power cap "
+                        "lowers its clocks within a second or so: short bursts time the boost "
+                        "clock, long ones (e.g. 200) the sustained throughput of a long job")
     p.add_argument("--warm-jobs", type=int, default=0,
                    help="compile every non-eager row first in this many parallel processes, so the "
                         "timed pass hits the inductor cache")
@@ -304,6 +307,7 @@ def run(args: argparse.Namespace) -> dict:
             "capacities": CAPACITIES[: args.recursions],
             "fused_merge": args.fused_merge,
         },
+        "timing": {"warmup": args.warmup, "reps": args.reps, "inner": args.inner},
         "shapes": [asdict(s) | {"tokens": s.tokens} for s in table.values()
                    if s.name in args.shapes.split(",")],
         "variants": [asdict(v) for v in VARIANTS.values() if v.name in args.variants.split(",")],
@@ -338,7 +342,11 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:  # mormm bench merge OUT_STEM a.json b.json ...
-        result = merge(argv[2:])
+        try:
+            result = merge(argv[2:])
+        except (OSError, ValueError) as e:  # a missing, unreadable or mismatched result file
+            print(f"mormm bench merge: {e}", file=sys.stderr)
+            return 2
         Path(argv[1] + ".json").write_text(json.dumps(result, indent=1))
         Path(argv[1] + ".md").write_text(markdown(result))
         return 0

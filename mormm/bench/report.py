@@ -52,6 +52,15 @@ def markdown(result: dict) -> str:
         f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
         "mode says bf16 (bf16 weights and activations, inference only).",
         "",
+    ]
+    if "timing" in result:  # older result files lack it
+        t = result["timing"]
+        lines += [
+            f"Timing: median over {t['reps']} turns of {t['inner']} back-to-back forwards per "
+            f"variant, after {t['warmup']} warm-up calls each.",
+            "",
+        ]
+    lines += [
         "speedup = vanilla time / variant time (inference, same mode); bound = vanilla FLOPs / "
         "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; host ms = the "
         "host's time to issue one eager forward (timed at batch 1; near infer ms, the row is "
@@ -120,6 +129,11 @@ def slug(name: str) -> str:
 def merge(paths: list[str]) -> dict:
     """Combine result files of one device (e.g. an eager call and a compiled call) into one."""
     results = [json.loads(Path(p).read_text()) for p in paths]
+    timings = {json.dumps(r.get("timing"), sort_keys=True): p for r, p in zip(results, paths)}
+    if len(timings) > 1:  # a burst length changes the clocks a GPU runs at: keep tables apart
+        raise ValueError("merge: " + " vs ".join(f"{p} timed {t}" for t, p in timings.items())
+                         + "; merge only result files timed with the same --warmup, --reps and "
+                         "--inner")
     out = dict(results[0])
     out["rows"] = [r for res in results for r in res["rows"]]
     out["errors"] = [e for res in results for e in res["errors"]]
