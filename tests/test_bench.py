@@ -64,6 +64,29 @@ def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_p
     assert not (tmp_path / "both.json").exists()  # tables timed apart are not merged
 
 
+def test_a_run_stopped_part_way_keeps_the_groups_it_timed(tmp_path, monkeypatch):
+    from mormm.bench import harness
+
+    timed = []
+
+    def stop_at_the_second_group(shape, cases, args, device):
+        if timed:
+            raise KeyboardInterrupt  # a device call's time limit, or ^C
+        measure_group(shape, cases, args, device)
+        timed.append(shape.name)
+
+    measure_group = harness.measure_group
+    monkeypatch.setattr(harness, "measure_group", stop_at_the_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--small", "--device", "cpu", "--shapes", "image,audio1s", "--variants",
+              "vanilla,mor_ec", "--modes", "eager", "--no-train", "--out", str(tmp_path),
+              "--name", "cut"])
+    result = json.loads((tmp_path / "cut.json").read_text())
+    assert timed == ["image"] and {r["shape"] for r in result["rows"]} == {"image"}
+    assert [r["speedup"] for r in result["rows"]][0] == 1.0
+    assert "## image:" in (tmp_path / "cut.md").read_text()
+
+
 def test_harness_names_an_unknown_shape_variant_or_mode(capsys):
     for flag, value, choices in (("--shapes", "image,vido", "video,audio10s,audio1s,image"),
                                  ("--variants", "mor_ec,mor", "vanilla,recursive,"),

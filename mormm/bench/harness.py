@@ -15,7 +15,8 @@ mode: realised speedup, FLOP-ratio bound (vanilla FLOPs / variant FLOPs) and the
 
 The variants of one shape and mode are timed in turns (rep 1 of each, rep 2 of each, ...), so a
 drift of the machine during the run does not decide a ratio. Writes <out>/<device-name>.json and
-.md; `merge STEM a.json b.json` combines calls of one device. No speed is asserted anywhere.
+.md after each shape and mode (a run stopped part-way keeps the groups it timed); `merge STEM
+a.json b.json` combines calls of one device. No speed is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -276,7 +277,9 @@ def _warm(argv: list[str], plan, jobs: int) -> None:
         list(pool.map(one, todo))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_group=None) -> dict:
+    """Every planned row, timed group by group (one shape and mode); `on_group(result)` gets the
+    result so far after each group, so a run stopped part-way keeps what it measured."""
     device = torch.device(args.device)
     plan = _plan(args)
     table = shape_table(args.small, args.batch)
@@ -335,7 +338,9 @@ def run(args: argparse.Namespace) -> dict:
                               for k, x in case.row.items()}), flush=True)
         del cases
         torch._dynamo.reset()
-    add_ratios(result["rows"])
+        add_ratios(result["rows"])
+        if on_group is not None:
+            on_group(result)
     return result
 
 
@@ -355,18 +360,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         _warm([a for a in argv], _plan(args), args.warm_jobs)
         print(f"warm-up compile: {time.perf_counter() - t0:.0f} s", flush=True)
-    result = run(args)
-    if args.warm_only:
-        return 0
-    md = markdown(result)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = args.name or slug(result["env"]["device_name"])
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{stem}.md").write_text(md)
-    print(md)
+    result = run(args, on_group=None if args.out is None else partial(write, args))
+    if not args.warm_only:
+        print(markdown(result))
     return 0
+
+
+def write(args: argparse.Namespace, result: dict) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or slug(result["env"]["device_name"])
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
