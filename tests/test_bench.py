@@ -87,6 +87,24 @@ def test_a_run_stopped_part_way_keeps_the_groups_it_timed(tmp_path, monkeypatch)
     assert "## image:" in (tmp_path / "cut.md").read_text()
 
 
+def test_bench_names_a_bad_out_folder_or_merge_input(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        main(["bench", "--small", "--device", "cpu", "--out", str(blocker / "results")])
+    assert f"--out {blocker / 'results'}: cannot create the folder" in capsys.readouterr().err
+    assert 2 == main(["bench", "merge", str(tmp_path / "out")])
+    assert "usage: mormm bench merge OUT_STEM a.json" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    (tmp_path / "broken.json").write_text('{"rows": [')
+    for name, says in (("other.json", "not a result file of this harness (schema None"),
+                       ("broken.json", "not JSON"), ("missing.json", "No such file")):
+        assert 2 == main(["bench", "merge", str(tmp_path / "out"), str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert says in err and (name in err), err
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_harness_names_an_unknown_shape_variant_or_mode(capsys):
     for flag, value, choices in (("--shapes", "image,vido", "video,audio10s,audio1s,image"),
                                  ("--variants", "mor_ec,mor", "vanilla,recursive,"),

@@ -230,6 +230,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         check_names(p, flag, getattr(args, flag[2:]), known)
     check_device(p, args.device)
     check_batch(p, args.batch)
+    if args.out is not None:  # fail now, not after the first group's compiles and timing
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--out {args.out}: cannot create the folder ({e.strerror}); give a "
+                    "writable folder")
     if args.precision == "bf16" and args.train:
         p.error("--precision bf16 times inference only (bf16 weights are not trained with "
                 "AdamW here); add --no-train")
@@ -347,6 +353,10 @@ def run(args: argparse.Namespace, on_group=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:  # mormm bench merge OUT_STEM a.json b.json ...
+        if len(argv) < 3:
+            print("usage: mormm bench merge OUT_STEM a.json [b.json ...] (writes OUT_STEM.json "
+                  "and OUT_STEM.md)", file=sys.stderr)
+            return 2
         try:
             result = merge(argv[2:])
         except (OSError, ValueError) as e:  # a missing, unreadable or mismatched result file

@@ -126,9 +126,21 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "device"
 
 
+def _result_file(path: str) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        found = result.get("schema") if isinstance(result, dict) else type(result).__name__
+        raise ValueError(f"{path}: not a result file of this harness (schema {found!r}, "
+                         f"expected {SCHEMA!r}); give the .json files `mormm bench --out` wrote")
+    return result
+
+
 def merge(paths: list[str]) -> dict:
     """Combine result files of one device (e.g. an eager call and a compiled call) into one."""
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [_result_file(p) for p in paths]
     timings = {json.dumps(r.get("timing"), sort_keys=True): p for r, p in zip(results, paths)}
     if len(timings) > 1:  # a burst length changes the clocks a GPU runs at: keep tables apart
         raise ValueError("merge: " + " vs ".join(f"{p} timed {t}" for t, p in timings.items())
