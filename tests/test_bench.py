@@ -60,7 +60,7 @@ def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_p
     capsys.readouterr()
     assert 2 == main(["bench", "merge", str(tmp_path / "both"), str(tmp_path / "fp32.json"),
                       str(tmp_path / "inner2.json")])
-    assert "inner2.json timed" in capsys.readouterr().err
+    assert "inner2.json timed with --warmup 0 --reps 1 --inner 2" in capsys.readouterr().err
     assert not (tmp_path / "both.json").exists()  # tables timed apart are not merged
 
 
@@ -101,7 +101,7 @@ def test_bench_names_a_bad_out_folder_or_merge_input(tmp_path, capsys):
                        ("broken.json", "not JSON"), ("missing.json", "No such file")):
         assert 2 == main(["bench", "merge", str(tmp_path / "out"), str(tmp_path / name)])
         err = capsys.readouterr().err
-        assert says in err and (name in err), err
+        assert says in err and name in err, err
     assert not (tmp_path / "out.json").exists()
 
 

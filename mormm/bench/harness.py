@@ -377,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args: argparse.Namespace, result: dict) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # parse_args created it
     stem = args.name or slug(result["env"]["device_name"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))

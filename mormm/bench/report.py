@@ -138,12 +138,19 @@ def _result_file(path: str) -> dict:
     return result
 
 
+def _timing(result: dict) -> str:
+    t = result.get("timing")
+    if t is None:  # files written before the harness recorded it
+        return "with unrecorded timing"
+    return f"with --warmup {t['warmup']} --reps {t['reps']} --inner {t['inner']}"
+
+
 def merge(paths: list[str]) -> dict:
     """Combine result files of one device (e.g. an eager call and a compiled call) into one."""
     results = [_result_file(p) for p in paths]
-    timings = {json.dumps(r.get("timing"), sort_keys=True): p for r, p in zip(results, paths)}
+    timings = {_timing(r): p for r, p in zip(results, paths)}
     if len(timings) > 1:  # a burst length changes the clocks a GPU runs at: keep tables apart
-        raise ValueError("merge: " + " vs ".join(f"{p} timed {t}" for t, p in timings.items())
+        raise ValueError(" vs ".join(f"{p} timed {t}" for t, p in timings.items())
                          + "; merge only result files timed with the same --warmup, --reps and "
                          "--inner")
     out = dict(results[0])
