@@ -105,6 +105,14 @@ def test_bench_names_a_bad_out_folder_or_merge_input(tmp_path, capsys):
     assert not (tmp_path / "out.json").exists()
 
 
+def test_harness_names_a_timing_it_cannot_use(capsys):
+    for flag, value, least in (("--reps", "0", 1), ("--inner", "0", 1), ("--warmup", "-1", 0),
+                               ("--warm-jobs", "-2", 0)):
+        with pytest.raises(SystemExit):
+            main(["bench", "--small", "--device", "cpu", flag, value])
+        assert f"{flag} {value}: give at least {least}" in capsys.readouterr().err
+
+
 def test_harness_names_an_unknown_shape_variant_or_mode(capsys):
     for flag, value, choices in (("--shapes", "image,vido", "video,audio10s,audio1s,image"),
                                  ("--variants", "mor_ec,mor", "vanilla,recursive,"),

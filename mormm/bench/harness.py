@@ -250,6 +250,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reps = 1 if args.small else 7
     if args.inner is None:
         args.inner = 1 if args.small else 4
+    for flag, least in (("warmup", 0), ("reps", 1), ("inner", 1), ("warm_jobs", 0)):
+        value = getattr(args, flag)
+        if value < least:
+            p.error(f"--{flag.replace('_', '-')} {value}: give at least {least}")
     return args
 
 
