@@ -19,7 +19,7 @@ import time
 import torch
 
 from mormm.backbone import compile_options
-from mormm.bench.models import CAPACITIES, SHAPES, VARIANTS, build_model, make_inputs, width
+from mormm.bench.models import CAPACITIES, DEPTH, SHAPES, VARIANTS, build_model, make_inputs, width
 from mormm.bench.report import environment
 from mormm.bench.timing import autocast, sync, time_alternating
 
@@ -31,7 +31,7 @@ def run(shape: str, variants: list[str], rounds: int, dev: torch.device) -> list
     fns, outs, compile_s = [], {}, {}
     for v, fused in cases:
         torch.manual_seed(0)
-        model = build_model(VARIANTS[v], dim, heads, 12, len(CAPACITIES), fused).to(dev).eval()
+        model = build_model(VARIANTS[v], dim, heads, DEPTH, len(CAPACITIES), fused).to(dev).eval()
         compiled = torch.compile(model, options=compile_options())
 
         def forward(compiled=compiled):

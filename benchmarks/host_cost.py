@@ -17,7 +17,7 @@ import time
 import torch
 
 from mormm.backbone import fused
-from mormm.bench.models import CAPACITIES, VARIANTS, build_model, make_inputs, shape_table, width
+from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, build_model, make_inputs, shape_table, width
 from mormm.bench.timing import autocast
 
 
@@ -55,7 +55,7 @@ def forwards(dev: torch.device, shape: str, variants: list[str]) -> dict[str, li
     models = {}
     for v in variants:
         name, _, option = v.partition("@")  # "mor_ec@unfused": fused merges off
-        models[v] = build_model(VARIANTS[name], dim, heads, 12, len(CAPACITIES),
+        models[v] = build_model(VARIANTS[name], dim, heads, DEPTH, len(CAPACITIES),
                                 fused_merge=option != "unfused").to(dev).eval()
 
     def host_ms(model, n: int = 50) -> float:

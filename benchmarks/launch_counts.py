@@ -18,12 +18,12 @@ from unittest import mock
 import torch
 
 from mormm.backbone import layers
-from mormm.bench.models import SHAPES, VARIANTS, Shape, build_model, make_inputs
+from mormm.bench.models import CAPACITIES, DEPTH, SHAPES, VARIANTS, Shape, build_model, make_inputs
 from mormm.bench.timing import KernelCounter
 
 
 def count(variant: str, shape: str, dim: int = 384, heads: int = 6) -> int:
-    model = build_model(VARIANTS[variant], dim, heads, 12, 4).eval()
+    model = build_model(VARIANTS[variant], dim, heads, DEPTH, len(CAPACITIES)).eval()
     inputs = make_inputs(Shape(shape, 1, SHAPES[shape].grid), dim, torch.device("cpu"))
     # What CUDA runs for steps with padding slots: one flash varlen kernel, no key mask.
     varlen = lambda q, k, v, keys: torch.ops.aten.clone(q)  # noqa: E731

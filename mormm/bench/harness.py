@@ -38,6 +38,7 @@ from torch import nn
 from mormm.backbone import compile_options
 from mormm.bench.models import (
     CAPACITIES,
+    DEPTH,
     SHAPES,
     VARIANTS,
     Shape,
@@ -47,7 +48,7 @@ from mormm.bench.models import (
     shape_table,
     width,
 )
-from mormm.bench.report import SCHEMA, add_ratios, environment, markdown, merge, slug
+from mormm.bench.report import SCHEMA, add_ratios, environment, markdown, merge, save, slug
 from mormm.bench.timing import (
     autocast,
     count_flops,
@@ -210,8 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None,
                    help="clips per batch for every shape (default: each shape's own, e.g. 32 "
                         "videos; a CPU or a small GPU needs fewer)")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--recursions", type=int, default=4)
+    p.add_argument("--layers", type=int, default=DEPTH)
+    p.add_argument("--recursions", type=int, default=len(CAPACITIES))
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--inner", type=int, default=None,
@@ -366,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:  # a missing, unreadable or mismatched result file
             print(f"mormm bench merge: {e}", file=sys.stderr)
             return 2
-        Path(argv[1] + ".json").write_text(json.dumps(result, indent=1))
-        Path(argv[1] + ".md").write_text(markdown(result))
+        save(argv[1], result)
         return 0
     args = parse_args(argv)
     if args.warm_jobs > 0 and not args.warm_only:
@@ -381,10 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args: argparse.Namespace, result: dict) -> None:
-    out = Path(args.out)  # parse_args created it
-    stem = args.name or slug(result["env"]["device_name"])
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
+    # parse_args created the folder
+    save(Path(args.out) / (args.name or slug(result["env"]["device_name"])), result)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ VARIANTS = {
     )
 }
 CAPACITIES = [1.0, 0.75, 0.5, 0.25]
+DEPTH = 12  # effective layers of every variant (DESIGN.md section 3)
 
 
 def build_model(variant: Variant, dim: int, heads: int, layers: int, recursions: int,

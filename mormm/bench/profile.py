@@ -21,7 +21,16 @@ from torch.profiler import ProfilerActivity, profile
 from mormm.backbone import compile_options
 from mormm.bench import kinds
 from mormm.bench.harness import check_batch, check_device, check_names
-from mormm.bench.models import CAPACITIES, SHAPES, VARIANTS, build_model, make_inputs, shape_table, width
+from mormm.bench.models import (
+    CAPACITIES,
+    DEPTH,
+    SHAPES,
+    VARIANTS,
+    build_model,
+    make_inputs,
+    shape_table,
+    width,
+)
 from mormm.bench.timing import autocast, sync
 
 ITERATIONS = 3
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     tables = {}
     for name in args.variants.split(","):
-        model = build_model(VARIANTS[name], dim, heads, 12, len(CAPACITIES),
+        model = build_model(VARIANTS[name], dim, heads, DEPTH, len(CAPACITIES),
                             args.fused_merge).to(device)
         run = torch.compile(model, options=options) if args.compiled else model
         inputs = make_inputs(shape, dim, device)

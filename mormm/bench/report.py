@@ -126,6 +126,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "device"
 
 
+def save(stem: str | Path, result: dict) -> None:
+    """The result as <stem>.json and its table as <stem>.md."""
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{stem}.md").write_text(markdown(result))
+
+
 def _result_file(path: str) -> dict:
     try:
         result = json.loads(Path(path).read_text())
