@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from mormm.bench.report import SCHEMA, markdown, merge
+from mormm.bench.report import SCHEMA, code_version, markdown, merge
 from mormm.cli import main
 
 
@@ -20,7 +21,10 @@ def test_harness_writes_json_and_markdown(tmp_path):
     assert result["schema"] == SCHEMA
     assert result["timing"] == {"warmup": 0, "reps": 1, "inner": 1}
     assert "median over 1 turns of 1 back-to-back forwards per variant, after 0 warm-up" in md
-    assert {"device", "device_name", "torch", "cuda", "python", "cpu_threads"} <= set(result["env"])
+    assert {"device", "device_name", "torch", "cuda", "python", "cpu_threads", "code"} <= set(
+        result["env"])
+    assert result["env"]["code"] == code_version()  # this checkout's commit (None outside one)
+    assert f"code {result['env']['code'] or 'unrecorded'};" in md
     assert f"{result['env']['cpu_threads']} CPU threads" in md
     assert not result["errors"]
     assert len(result["rows"]) == 2 * 3
@@ -39,6 +43,33 @@ def test_harness_writes_json_and_markdown(tmp_path):
     assert "| vanilla | eager |" in md and result["env"]["device_name"] in md
 
 
+
+def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("MORMM_COMMIT", raising=False)
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                               *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    assert code_version(repo) is None  # no commit yet
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert code_version(repo) == head
+    (repo / "new.py").write_text("")  # untracked files do not count (scratch would mark every run)
+    assert code_version(repo) == head
+    (repo / "a.py").write_text("x = 2\n")
+    assert code_version(repo) == head + "+changes"
+    # A copy installed inside some other repository does not take that repository's commit.
+    assert code_version(repo / "pkg") is None
+    assert code_version(tmp_path) is None  # not a repository
+    monkeypatch.setenv("MORMM_COMMIT", "abc1234")  # code copied without its .git
+    assert code_version(tmp_path) == "abc1234"
+
 def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_path, capsys):
     common = ["bench", "--small", "--device", "cpu", "--shapes", "image", "--variants",
               "vanilla,mor_ec", "--modes", "eager", "--reps", "1", "--inner", "1", "--warmup", "0",
@@ -56,6 +87,13 @@ def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_p
         assert vanilla["speedup"] == 1.0
         assert mor["speedup"] == vanilla["infer_s"] / mor["infer_s"]
     assert "| mor_ec | eager bf16 |" in markdown(merged)
+    assert merged["env"]["code"] == (code_version() or "unrecorded")
+    # Files measured on different code: the merged header keeps both commits.
+    other = json.loads((tmp_path / "fp32.json").read_text())
+    other["env"]["code"] = "0123abcd"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = merge([str(tmp_path / "bf16.json"), str(tmp_path / "other.json")])
+    assert merged["env"]["code"] == f"{code_version() or 'unrecorded'}, 0123abcd"
     assert 0 == main([*common, "--no-train", "--inner", "2", "--name", "inner2"])
     capsys.readouterr()
     assert 2 == main(["bench", "merge", str(tmp_path / "both"), str(tmp_path / "fp32.json"),

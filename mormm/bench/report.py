@@ -4,12 +4,16 @@ environment, the markdown table, and the merge of several calls' result files.""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
 
 SCHEMA = "mormm.bench/1"
+# The checkout this package runs from, when it runs from one (not from an installed copy).
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -43,7 +47,7 @@ def markdown(result: dict) -> str:
         f"# mormm bench: {env['device_name']}",
         "",
         f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}"
-        f"{threads}; "
+        f"{threads}; code {env.get('code') or 'unrecorded'}; "
         f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
         f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
         f"{result['model']['capacities']}"
@@ -108,7 +112,34 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "code": code_version(),
     }
+
+
+def code_version(root: Path = ROOT) -> str | None:
+    """The commit a result was measured on, for the result files: MORMM_COMMIT if set (for code
+    copied without its .git, as onto a lent GPU machine), else the git commit of the checkout at
+    `root`, with "+changes" when tracked files differ from it; None when neither says."""
+    if os.environ.get("MORMM_COMMIT"):
+        return os.environ["MORMM_COMMIT"]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    # Only root's own repository: an installed copy may sit inside some other one (a venv in a
+    # project folder).
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root.resolve():
+        return None
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit is None:  # a repository without commits
+        return None
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _cpu_name() -> str:
@@ -160,6 +191,9 @@ def merge(paths: list[str]) -> dict:
                          + "; merge only result files timed with the same --warmup, --reps and "
                          "--inner")
     out = dict(results[0])
+    # Files measured on different code keep every commit in the merged header.
+    codes = dict.fromkeys(r["env"].get("code") or "unrecorded" for r in results)
+    out["env"] = dict(out["env"], code=", ".join(codes))
     out["rows"] = [r for res in results for r in res["rows"]]
     out["errors"] = [e for res in results for e in res["errors"]]
     names = {s["name"]: s for res in results for s in res["shapes"]}
