@@ -43,7 +43,6 @@ def test_harness_writes_json_and_markdown(tmp_path):
     assert "| vanilla | eager |" in md and result["env"]["device_name"] in md
 
 
-
 def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):
     monkeypatch.delenv("MORMM_COMMIT", raising=False)
     repo = tmp_path / "repo"
@@ -70,6 +69,7 @@ def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):
     monkeypatch.setenv("MORMM_COMMIT", "abc1234")  # code copied without its .git
     assert code_version(tmp_path) == "abc1234"
 
+
 def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_path, capsys):
     common = ["bench", "--small", "--device", "cpu", "--shapes", "image", "--variants",
               "vanilla,mor_ec", "--modes", "eager", "--reps", "1", "--inner", "1", "--warmup", "0",
@@ -87,7 +87,7 @@ def test_bf16_rows_compare_with_the_bf16_vanilla_and_merge_beside_autocast(tmp_p
         assert vanilla["speedup"] == 1.0
         assert mor["speedup"] == vanilla["infer_s"] / mor["infer_s"]
     assert "| mor_ec | eager bf16 |" in markdown(merged)
-    assert merged["env"]["code"] == (code_version() or "unrecorded")
+    assert merged["env"]["code"] == code_version()
     # Files measured on different code: the merged header keeps both commits.
     other = json.loads((tmp_path / "fp32.json").read_text())
     other["env"]["code"] = "0123abcd"

@@ -191,9 +191,9 @@ def merge(paths: list[str]) -> dict:
                          + "; merge only result files timed with the same --warmup, --reps and "
                          "--inner")
     out = dict(results[0])
-    # Files measured on different code keep every commit in the merged header.
-    codes = dict.fromkeys(r["env"].get("code") or "unrecorded" for r in results)
-    out["env"] = dict(out["env"], code=", ".join(codes))
+    codes = list(dict.fromkeys(r["env"].get("code") for r in results))
+    if len(codes) > 1:  # files measured on different code: the merged header names each commit
+        out["env"] = dict(out["env"], code=", ".join(c or "unrecorded" for c in codes))
     out["rows"] = [r for res in results for r in res["rows"]]
     out["errors"] = [e for res in results for e in res["errors"]]
     names = {s["name"]: s for res in results for s in res["shapes"]}
