@@ -42,6 +42,7 @@ def launches(dev: torch.device) -> dict[str, float]:
         "fused.merge_rows with scores, into the sequence":
             _host_us(lambda: fused.merge_rows(x, x, x, g, True, w, seq, where)),
         "fused.gather_rows": _host_us(lambda: fused.gather_rows(seq, where)),
+        "fused.gather_rows, two tensors": _host_us(lambda: fused.gather_rows(seq, where, seq)),
         "torch.lerp": _host_us(lambda: torch.lerp(x, x, g[..., None])),
         "add": _host_us(lambda: x + x),
         "topk": _host_us(lambda: g.topk(4, dim=-1)),

@@ -77,9 +77,15 @@ def test_merge_rows_into_the_sequence_and_gather_rows():
     out, score2 = fused.merge_rows(inp, x1, mlp, gate, True, weight, into=seq, where=where)
     assert out is seq and torch.equal(seq, expected) and torch.equal(score2, score)
 
-    assert torch.equal(fused.gather_rows(seq, where), units.gather_rows(seq, where))
+    rows, none = fused.gather_rows(seq, where)
+    assert none is None and torch.equal(rows, units.gather_rows(seq, where))
     rope = torch.randn(B, N, 2, 8, generator=g).to(DEVICE, torch.bfloat16)
-    assert torch.equal(fused.gather_rows(rope, where), units.gather_rows(rope, where))
+    # Both at once, as a routed step reads its rows and their rotary tables.
+    rows, rope_rows = fused.gather_rows(seq, where, rope)
+    assert torch.equal(rows, units.gather_rows(seq, where))
+    assert torch.equal(rope_rows, units.gather_rows(rope, where))
+    with pytest.raises(ValueError, match="must share src's"):
+        fused.gather_rows(seq, where, rope[:, :-1])
 
 
 def _pair(router_cls, unit="token", caps=(1.0, 0.75, 0.5, 0.25), **cfg):

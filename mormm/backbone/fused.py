@@ -66,14 +66,21 @@ def _merge_rows(inp, x1, mlp, gate, weight, out, score, where, taken, R, D, K, N
         tl.store(score + rows, tl.sum(new.to(tl.float32) * w[None, :], axis=1), mask=row_ok)
 
 
-def _gather_rows(src, where, out, R, F, K, N, ROWS: tl.constexpr, BLOCK_F: tl.constexpr):
+def _gather_rows(src, where, out, src2, out2, R, F, F2, K, N, ROWS: tl.constexpr,
+                 BLOCK_F: tl.constexpr, PAIR: tl.constexpr, BLOCK_F2: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_F)
     row_ok = rows < R
-    ok = row_ok[:, None] & (cols < F)[None, :]
     at = (rows // K).to(tl.int64) * N + tl.load(where + rows, mask=row_ok, other=0)
-    v = tl.load(src + at[:, None] * F + cols[None, :], mask=ok)
-    tl.store(out + rows.to(tl.int64)[:, None] * F + cols[None, :], v, mask=ok)
+    to = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_F)
+    ok = row_ok[:, None] & (cols < F)[None, :]
+    tl.store(out + to[:, None] * F + cols[None, :],
+             tl.load(src + at[:, None] * F + cols[None, :], mask=ok), mask=ok)
+    if PAIR:  # a second tensor's rows at the same positions
+        cols2 = tl.arange(0, BLOCK_F2)
+        ok2 = row_ok[:, None] & (cols2 < F2)[None, :]
+        tl.store(out2 + to[:, None] * F2 + cols2[None, :],
+                 tl.load(src2 + at[:, None] * F2 + cols2[None, :], mask=ok2), mask=ok2)
 
 
 if triton is not None:
@@ -119,15 +126,28 @@ def merge_rows(inp: Tensor, x1: Tensor, mlp: Tensor, gate: Tensor, delta: bool,
     return out, score
 
 
-def gather_rows(src: Tensor, where: Tensor) -> Tensor:
-    """src (B, N, *F), where (B, K) -> (B, K, *F): units.gather_rows as one row copy per index.
+def gather_rows(src: Tensor, where: Tensor,
+                src2: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """src (B, N, *F), where (B, K) -> (B, K, *F): units.gather_rows as one row copy per index;
+    with src2 (B, N, *F2) its rows at the same positions too, in the same launch (else None).
     torch's gather reads an index per element: for 32 x 1176 fp32 rows of 384 on the H200 it
-    took 53.7 us, a row-wise copy (index_select) 33.8 us."""
+    took 53.7 us, a row-wise copy (index_select) 33.8 us. A routed step reads its hidden rows and
+    their rotary tables by position: one launch for both, where a launch costs the lent hosts
+    27-45 us and eager short clips are bound by the host."""
     B, N = src.shape[:2]
     K = where.shape[1]
     src, where = src.contiguous(), where.contiguous()
     out = torch.empty(B, K, *src.shape[2:], dtype=src.dtype, device=src.device)
-    F = src[0, 0].numel()
-    _gather_rows[(triton.cdiv(B * K, ROWS),)](src, where, out, B * K, F, K, N, ROWS=ROWS,
-                                              BLOCK_F=triton.next_power_of_2(F))
-    return out
+    out2 = None
+    if src2 is not None:
+        if src2.shape[:2] != (B, N):
+            raise ValueError(f"gather_rows: src2 {tuple(src2.shape)} must share src's (B, N) = "
+                             f"{(B, N)}")
+        src2 = src2.contiguous()
+        out2 = torch.empty(B, K, *src2.shape[2:], dtype=src2.dtype, device=src2.device)
+    F, F2 = src[0, 0].numel(), 1 if src2 is None else src2[0, 0].numel()
+    _gather_rows[(triton.cdiv(B * K, ROWS),)](
+        src, where, out, out if src2 is None else src2, out if out2 is None else out2, B * K, F,
+        F2, K, N, ROWS=ROWS, BLOCK_F=triton.next_power_of_2(F), PAIR=src2 is not None,
+        BLOCK_F2=triton.next_power_of_2(F2))
+    return out, out2

@@ -414,8 +414,9 @@ def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor) -> tuple[Tensor
     """The rows (B, K, D) and rotary tables of the tokens at positions `where` (B, K) of the
     sequence `stream` (fused steps, which keep their working set there). Compiled, as a gather
     that inductor fuses into the kernels reading the rows (the first norm, the rotary apply)."""
-    gather = gather_rows if torch.compiler.is_compiling() else fused.gather_rows
-    return gather(stream, where), None if rope is None else gather(rope, where)
+    if torch.compiler.is_compiling():
+        return gather_rows(stream, where), None if rope is None else gather_rows(rope, where)
+    return fused.gather_rows(stream, where, rope)  # both in one launch
 
 
 def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:
