@@ -8,9 +8,10 @@ the gated update (a lerp with the step's input) and the next step's router produ
 reading the fp32 rows again. `merge_rows` does all three in one pass: it reads the step input,
 x1 and the MLP output once, writes the updated rows and, given the next router's weight, their
 scores. Its arithmetic is the unfused ops' (torch.lerp's two-sided formula, fp32 throughout), so
-only the order of the score's sum differs (fp32 rounding).
+only the order of the score's sum differs (fp32 rounding). `gather_rows` reads the next step's
+rows and their rotary tables back from the sequence by position, both in one launch.
 
-The kernel runs on CUDA tensors, and on CPU tensors in a process that runs Triton's interpreter
+The kernels run on CUDA tensors, and on CPU tensors in a process that runs Triton's interpreter
 (TRITON_INTERPRET=1 before Triton is imported: slow, for the tests that check it against the
 unfused path).
 """
