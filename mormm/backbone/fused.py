@@ -134,7 +134,7 @@ def gather_rows(src: Tensor, where: Tensor,
     torch's gather reads an index per element: for 32 x 1176 fp32 rows of 384 on the H200 it
     took 53.7 us, a row-wise copy (index_select) 33.8 us. A routed step reads its hidden rows and
     their rotary tables by position: one launch for both, where a launch costs the lent hosts
-    27-45 us and eager short clips are bound by the host."""
+    27-48 us and eager short clips are bound by the host."""
     B, N = src.shape[:2]
     K = where.shape[1]
     src, where = src.contiguous(), where.contiguous()
