@@ -162,7 +162,8 @@ def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, sc
 @needs_kernel
 def test_fused_merge_only_where_it_applies(monkeypatch):
     """Not in training (no backward), not when switched off, not under a FLOP or launch counter
-    (the kernel would be invisible to it), not over padded clips (masked loop)."""
+    (the kernel would be invisible to it), not over padded clips (masked loop). Where it runs,
+    each later step reads its rows and their rotary tables back in one launch."""
     on, off = _pair(ExpertChoiceRouter)
     calls = _spy(monkeypatch)
     tokens = _to(random_tokens(2, 24, 32))
@@ -173,9 +174,15 @@ def test_fused_merge_only_where_it_applies(monkeypatch):
             on(tokens)
         on(_to(random_tokens(2, 24, 32, lengths=[24, 17])))
     assert calls == []
+    gathers = []
+    gather = fused.gather_rows
+    monkeypatch.setattr(fused, "gather_rows", lambda src, where, src2=None: (
+        gathers.append(src2 is not None) or gather(src, where, src2)))
     with torch.no_grad():
         on(tokens)
     assert len(calls) == 4
+    # Steps 2-4 read their rows back from the sequence, rotary tables in the same launch.
+    assert gathers == [True] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")
