@@ -19,7 +19,7 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
 )
 
-from mormm.backbone import BackboneOutput, MoRBackbone, compile_options
+from mormm.backbone import BackboneOutput, MoRBackbone, compile_options, inference_config
 from mormm.heads import Pooling
 from mormm.model import ClassifierOutput, MoRClassifier
 from mormm.uptrain import UptrainInit, uptrain
@@ -60,12 +60,15 @@ class MoRModule(L.LightningModule):
                    other 1-D parameters get no weight decay.
     label_smoothing: for single-label cross-entropy.
     compile:       torch.compile the backbone (static shapes make expert-choice compile well):
-                   true for the default mode, or a mode name. "reduce-overhead" (and
-                   "max-autotune") also replay the backbone as CUDA graphs: short clips are
-                   bound by kernel launches, and there MoR needs it to beat the vanilla model
-                   reliably (1 s audio on H200s: expert-choice 1.01-1.41x vanilla compiled
-                   plainly, by the host's speed, token-choice 0.92-0.97x on slow hosts; 1.38x
-                   and 1.26x with CUDA graphs; benchmarks/README.md).
+                   true for the default mode, or a mode name. Inference graphs on CUDA issue
+                   their kernels from inductor's C++ wrapper (mormm.backbone.inference_config;
+                   its first compile takes up to a minute longer): short clips are bound by the
+                   host, and with the Python wrapper MoR beat vanilla by as much as the host
+                   allowed (1 s audio on H200s: expert-choice 1.01-1.43x, token-choice
+                   0.92-1.27x; with the C++ wrapper 1.43x and 1.27x on a host where the Python
+                   one gave 1.03x and 0.96x). "reduce-overhead" (and "max-autotune") replay
+                   the backbone as CUDA graphs instead, training too (1.38x and 1.26x;
+                   benchmarks/README.md).
                    Gradients are then zeroed between optimizer steps, not freed. The options
                    come from mormm.backbone.compile_options (pointwise autotuning off).
     init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
@@ -138,6 +141,10 @@ class MoRModule(L.LightningModule):
     def forward(self, batch: dict) -> ClassifierOutput:
         if self._cuda_graphs:  # one forward per step: what the last one returned may be reused
             torch.compiler.cudagraph_mark_step_begin()
+        mode = self.hparams.compile
+        if mode and not torch.is_grad_enabled():  # validate, test, predict
+            with inference_config(None if mode is True else mode, self.device):
+                return self.model(batch)
         return self.model(batch)
 
     def on_train_start(self) -> None:

@@ -14,7 +14,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import random_tokens, randomize_router
-from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone import (
+    BackboneConfig,
+    ExpertChoiceRouter,
+    MoRBackbone,
+    TokenChoiceRouter,
+    compile_options,
+    inference_config,
+)
 from mormm.backbone import fused, recursion, units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,3 +227,33 @@ def test_compiled_forward_runs_the_kernel_on_cuda(monkeypatch, router_cls):
         same = a.depth == b.depth
         assert same.float().mean() > 0.95
         torch.testing.assert_close(a.hidden[same], b.hidden[same], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's C++ wrapper for CUDA")
+@pytest.mark.parametrize("router_cls", [ExpertChoiceRouter, TokenChoiceRouter])
+def test_compiled_inference_in_the_cpp_wrapper_then_training_in_the_python_one(router_cls):
+    """MoRModule's compiled path: inference graphs built under inference_config (C++ wrapper,
+    the fused kernel inside) match the unfused ops; a training step of the same compiled model
+    afterwards compiles apart and gives eager's gradients (the C++ wrapper could not build the
+    backward on torch 2.11)."""
+    torch._dynamo.reset()
+    on, off = _pair(router_cls)
+    compiled = torch.compile(on, options=compile_options())
+    tokens = _to(random_tokens(4, 96, 32))
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        with inference_config(None, DEVICE):
+            a = compiled(tokens)
+        b = off(tokens)
+    same = a.depth == b.depth
+    assert same.float().mean() > 0.95
+    torch.testing.assert_close(a.hidden[same], b.hidden[same], rtol=2e-2, atol=2e-2)
+
+    on.train(), off.train()
+    grads = []
+    for model in (compiled, off):
+        on.zero_grad(), off.zero_grad()
+        out = model(tokens)
+        (out.hidden.square().mean() + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in (on if model is compiled else off).parameters()])
+    for g_compiled, g_eager in zip(*grads):
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-3, atol=1e-4)

@@ -180,6 +180,35 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_named(trained, mon
     assert all(p.grad is None for p in m.backbone.parameters())  # no CUDA graphs: nothing kept
 
 
+def test_compiled_inference_on_cuda_takes_the_cpp_wrapper_and_training_does_not(trained, monkeypatch):
+    """What inductor is configured with while the backbone runs (the first call of each grad
+    mode compiles): the C++ wrapper for no-grad calls of a compiled model on CUDA only; training,
+    the CPU, CUDA graph modes and eager models keep the defaults."""
+    cli, _ = trained
+    tok = cli.model.model.tokenizer
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the configuration is under test
+    for compile, device, grad, expected in (
+        (True, "cuda:0", False, True),
+        (True, "cuda:0", True, False),
+        ("max-autotune-no-cudagraphs", "cuda:0", False, True),
+        ("reduce-overhead", "cuda:0", False, False),
+        (True, "cpu", False, False),
+        (False, "cuda:0", False, False),
+    ):
+        m = MoRModule(tok, cli.model.backbone, num_classes=4, compile=compile)
+        m.configure_model()
+        m._device = torch.device(device)  # what Lightning sets when it moves the module
+        seen = []
+        hook = m.backbone.register_forward_pre_hook(
+            lambda *_: seen.append(torch._inductor.config.cpp_wrapper))
+        with torch.set_grad_enabled(grad):
+            m(batch)
+        hook.remove()
+        assert seen == [expected], (compile, device, grad)
+        assert torch._inductor.config.cpp_wrapper is False  # restored after the call
+
+
 def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
     """A JSONL manifest with label lists gives a multi-label dataset: the model trains with BCE
     and validation reports mAP (macro) and per-label accuracy."""

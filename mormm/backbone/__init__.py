@@ -1,7 +1,7 @@
 """Modality-agnostic Mixture-of-Recursions backbone."""
 
 from mormm.backbone.config import BackboneConfig
-from mormm.backbone.inductor import compile_options
+from mormm.backbone.inductor import compile_options, inference_config
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.recursion import MoRBackbone
 from mormm.backbone.routers import ExpertChoiceRouter, Route, Router, TokenChoiceRouter
@@ -23,6 +23,7 @@ __all__ = [
     "StepTrace",
     "TokenChoiceRouter",
     "compile_options",
+    "inference_config",
     "layer_schedule",
     "num_unique_layers",
     "sharing_plan",
