@@ -43,6 +43,43 @@ def test_harness_writes_json_and_markdown(tmp_path):
     assert "| vanilla | eager |" in md and result["env"]["device_name"] in md
 
 
+def test_compiled_modes_time_inference_as_mormm_module_compiles_it(monkeypatch):
+    """Each compiled mode compiles with its torch.compile mode's options and runs inference under
+    that mode's inference_config (the C++ wrapper on CUDA), as MoRModule does; eager modes under
+    neither. torch.compile is stubbed: what is under test is what reaches it."""
+    from contextlib import contextmanager
+
+    import torch
+
+    from mormm.bench import harness
+    from mormm.bench.models import VARIANTS, make_inputs, shape_table
+
+    compiled, configs = [], []
+
+    @contextmanager
+    def entered(mode, device):  # records when the forward enters it
+        configs.append((mode, device.type))
+        yield
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    monkeypatch.setattr(harness, "inference_config", entered)
+    args = harness.parse_args(["--small", "--device", "cpu", "--no-train"])
+    device = torch.device("cpu")
+    shape = shape_table(small=True)["image"]
+    inputs = make_inputs(shape, args.dim, device)
+    for mode, options, config in (
+        ("compiled", harness.compile_options(), (None, "cpu")),
+        ("cudagraphs", harness.compile_options("reduce-overhead"), ("reduce-overhead", "cpu")),
+        ("eager", None, None),
+    ):
+        compiled.clear(), configs.clear()
+        case = harness.prepare(shape, VARIANTS["mor_ec"], mode, args, device, inputs)
+        case.infer()
+        assert compiled == ([] if options is None else [{"options": options}])
+        # every inference call enters it: prepare's two (compile, peak memory) and this one
+        assert configs == ([] if config is None else [config] * 3)
+
+
 def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):
     monkeypatch.delenv("MORMM_COMMIT", raising=False)
     repo = tmp_path / "repo"

@@ -28,6 +28,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mormm.backbone import compile_options
+from mormm.backbone import compile_options, inference_config
 from mormm.bench.models import (
     CAPACITIES,
     DEPTH,
@@ -87,14 +88,15 @@ def check_batch(parser: argparse.ArgumentParser, batch: int | None) -> None:
         parser.error(f"--batch {batch}: give at least 1 clip per batch")
 
 
+# The harness's compiled modes and the torch.compile mode (MoRModule's `compile`) each runs.
+COMPILE_MODES = {"compiled": None, "cudagraphs": "reduce-overhead"}
+
+
 def _compiled(model: nn.Module, mode: str):
     if mode in ("eager", "graphed"):
         return model
-    # The options MoRModule(compile=...) compiles the backbone with.
-    if mode == "compiled":
-        return torch.compile(model, options=compile_options())
-    if mode == "cudagraphs":
-        return torch.compile(model, options=compile_options("reduce-overhead"))
+    if mode in COMPILE_MODES:  # with the options MoRModule(compile=...) compiles the backbone with
+        return torch.compile(model, options=compile_options(COMPILE_MODES[mode]))
     raise ValueError(f"mode={mode!r} is unknown; choose from {', '.join(MODES)}")
 
 
@@ -134,7 +136,10 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
     model.eval()
 
     def forward(batch: tuple):
-        with torch.no_grad(), autocast(device, cache=mode != "graphed"):
+        # Inference graphs compile as MoRModule's do (inference_config: the C++ wrapper on CUDA).
+        config = (inference_config(COMPILE_MODES[mode], device) if mode in COMPILE_MODES
+                  else nullcontext())
+        with torch.no_grad(), autocast(device, cache=mode != "graphed"), config:
             return fn_model(*batch)
 
     infer = partial(forward, inputs)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from mormm.backbone import compile_options
+from mormm.backbone import compile_options, inference_config
 from mormm.bench import kinds
 from mormm.bench.harness import check_batch, check_device, check_names
 from mormm.bench.models import (
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
         opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
 
         def once():
-            with torch.set_grad_enabled(args.train), autocast(device):
+            # Compiled inference as MoRModule runs it (inference_config: the C++ wrapper on CUDA).
+            config = (inference_config(None, device) if args.compiled and not args.train
+                      else nullcontext())
+            with torch.set_grad_enabled(args.train), autocast(device), config:
                 hidden, aux = run(*inputs)
                 loss = hidden.float().square().mean() + aux
             if args.train:
