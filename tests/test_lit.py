@@ -209,6 +209,23 @@ def test_compiled_inference_on_cuda_takes_the_cpp_wrapper_and_training_does_not(
         assert torch._inductor.config.cpp_wrapper is False  # restored after the call
 
 
+def test_without_a_cxx_compiler_compiled_inference_keeps_the_python_wrapper_and_says_so():
+    from mormm.backbone import inductor, inference_config
+
+    cuda = torch.device("cuda", 0)
+    inductor._cxx_compiler_found.cache_clear()
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-g++")}):
+            with pytest.warns(UserWarning, match=r"no C\+\+ compiler.*no-such-g\+\+.*Install g\+\+"):
+                config = inference_config(None, cuda)
+            with config:
+                assert torch._inductor.config.cpp_wrapper is False
+    finally:
+        inductor._cxx_compiler_found.cache_clear()  # the next call finds the real one again
+    with inference_config(None, cuda):  # this machine's g++
+        assert torch._inductor.config.cpp_wrapper is True
+
+
 def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
     """A JSONL manifest with label lists gives a multi-label dataset: the model trains with BCE
     and validation reports mAP (macro) and per-label accuracy."""

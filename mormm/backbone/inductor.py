@@ -19,6 +19,8 @@ failed to compile the backward ("CudaKernelParamCache not populated").
 
 from __future__ import annotations
 
+import functools
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -37,7 +39,26 @@ def inference_config(mode: str | None, device: torch.device) -> AbstractContextM
     """Inductor settings for the graphs a compiled model builds for inference: enter it around
     its no-grad calls (the first one compiles; grad mode is part of dynamo's guards, so training
     graphs compile apart, without it). On CUDA, the C++ wrapper unless `mode` replays CUDA
-    graphs, which already take the host out of the way; the CPU keeps inductor's defaults."""
-    if device.type != "cuda" or compile_options(mode).get("triton.cudagraphs"):
+    graphs, which already take the host out of the way, or no C++ compiler is found; the CPU
+    keeps inductor's defaults."""
+    if (device.type != "cuda" or compile_options(mode).get("triton.cudagraphs")
+            or not _cxx_compiler_found()):
         return nullcontext()
     return torch._inductor.config.patch(cpp_wrapper=True)
+
+
+@functools.cache
+def _cxx_compiler_found() -> bool:
+    """Whether inductor finds the C++ compiler its C++ wrapper needs (Triton alone needs only a
+    C compiler); without one, compiled inference keeps the Python wrapper, and says so once."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler, or its API moved
+        warnings.warn(f"mormm: no C++ compiler for inductor's C++ wrapper ({type(e).__name__}: "
+                      f"{e}); compiled inference keeps the Python wrapper, which is slower on "
+                      "short clips. Install g++ (e.g. apt install g++) or name one in CXX.",
+                      stacklevel=3)
+        return False
+    return True
