@@ -7,6 +7,9 @@ mormm.backbone.inference_config; the C++ one is what this probe led to):
 
     python benchmarks/compiled_host.py audio1s,image vanilla,mor_ec,mor_tc   # JSON last line
 """
+
+from __future__ import annotations
+
 import json
 import sys
 import time
@@ -14,54 +17,79 @@ import time
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
 from mormm.backbone import compile_options
 from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, build_model, make_inputs, shape_table, width
 from mormm.bench.timing import autocast, timed
 
-dev = torch.device("cuda")
-dim, heads = width(small=False)
-out = []
-for shape in sys.argv[1].split(","):
+PROFILED = 10  # forwards under the profiler
+
+
+def busy_us(kernels) -> float:
+    """Time at least one kernel ran: the union of the kernels' intervals."""
+    busy, start, end = 0, None, None
+    for s, e in sorted((k.time_range.start, k.time_range.end) for k in kernels):
+        if end is None or s > end:
+            busy += 0 if end is None else end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    return busy + (0 if end is None else end - start)
+
+
+def probe(shape: str, variant: str, dev: torch.device) -> dict:
+    dim, heads = width(small=False)
     inputs = make_inputs(shape_table(small=False)[shape], dim, dev)
-    for v in sys.argv[2].split(","):
-        torch.manual_seed(0)
-        m = build_model(VARIANTS[v], dim, heads, DEPTH, len(CAPACITIES)).to(dev).eval()
-        run = torch.compile(m, options=compile_options())
-        def f():
-            with torch.no_grad(), autocast(dev): run(*inputs)
-        t0 = time.perf_counter()
-        for _ in range(5): f()
-        torch.cuda.synchronize(); comp = time.perf_counter() - t0
-        wall = sorted(timed(f, dev, 20) for _ in range(5))[2] * 1e3
-        # host issue time for 10 forwards from idle (queue does not fill if host-bound)
-        torch.cuda.synchronize(); t0 = time.perf_counter()
-        for _ in range(10): f()
-        issue = (time.perf_counter() - t0) / 10 * 1e3
+    torch.manual_seed(0)
+    model = build_model(VARIANTS[variant], dim, heads, DEPTH, len(CAPACITIES)).to(dev).eval()
+    compiled = torch.compile(model, options=compile_options())
+
+    def forward():
+        with torch.no_grad(), autocast(dev):
+            compiled(*inputs)
+
+    t0 = time.perf_counter()
+    for _ in range(5):
+        forward()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    wall = sorted(timed(forward, dev, 20) for _ in range(5))[2] * 1e3
+    # Issued from an idle device, 10 forwards do not fill the launch queue of a host-bound model.
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        forward()
+    issue = (time.perf_counter() - t0) / 10 * 1e3
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED):
+            forward()
         torch.cuda.synchronize()
-        n = 10
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(n): f()
-            torch.cuda.synchronize()
-        ev = prof.events()
-        kern = [e for e in ev if e.device_type == DeviceType.CUDA]
-        ksum = sum(e.time_range.elapsed_us() for e in kern) / n / 1e3
-        iv = sorted((e.time_range.start, e.time_range.end) for e in kern)
-        busy, cur_s, cur_e = 0, None, None
-        for s, e in iv:
-            if cur_e is None or s > cur_e:
-                if cur_e is not None: busy += cur_e - cur_s
-                cur_s, cur_e = s, e
-            else: cur_e = max(cur_e, e)
-        busy += cur_e - cur_s
-        span = (iv[-1][1] - iv[0][0]) / n / 1e3
-        cpu = sorted(((e.key, e.self_cpu_time_total / n, e.count / n) for e in prof.key_averages()
-                      if e.device_type == DeviceType.CPU), key=lambda r: -r[1])[:25]
-        row = dict(shape=shape, variant=v, compile_s=round(comp, 1), wall_ms=round(wall, 3),
-                   issue_ms=round(issue, 3), kernel_ms=round(ksum, 3), busy_ms=round(busy / n / 1e3, 3),
-                   span_ms=round(span, 3), launches=len(kern) / n,
-                   cpu_top=[(k, round(us, 1), c) for k, us, c in cpu])
-        print(json.dumps({k: row[k] for k in row if k != "cpu_top"}), flush=True)
-        for r in row["cpu_top"][:12]: print("   ", r)
-        out.append(row)
-        torch._dynamo.reset()
-print(json.dumps(out))
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    starts, ends = (min(k.time_range.start for k in kernels),
+                    max(k.time_range.end for k in kernels))
+    host_ops = sorted(((e.key, e.self_cpu_time_total / PROFILED, e.count / PROFILED)
+                       for e in prof.key_averages() if e.device_type == DeviceType.CPU),
+                      key=lambda r: -r[1])[:25]
+    row = dict(shape=shape, variant=variant, compile_s=round(compile_s, 1),
+               wall_ms=round(wall, 3), issue_ms=round(issue, 3),
+               kernel_ms=round(sum(k.time_range.elapsed_us() for k in kernels) / PROFILED / 1e3, 3),
+               busy_ms=round(busy_us(kernels) / PROFILED / 1e3, 3),
+               span_ms=round((ends - starts) / PROFILED / 1e3, 3),
+               launches=len(kernels) / PROFILED,
+               cpu_top=[(k, round(us, 1), c) for k, us, c in host_ops])
+    print(json.dumps({k: v for k, v in row.items() if k != "cpu_top"}), flush=True)
+    for op in row["cpu_top"][:12]:
+        print("   ", op)
+    torch._dynamo.reset()
+    return row
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    print(json.dumps([probe(shape, v, dev) for shape in sys.argv[1].split(",")
+                      for v in sys.argv[2].split(",")]))
+
+
+if __name__ == "__main__":
+    main()

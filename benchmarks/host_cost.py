@@ -59,25 +59,27 @@ def forwards(dev: torch.device, shape: str, variants: list[str]) -> dict[str, li
         models[v] = build_model(VARIANTS[name], dim, heads, DEPTH, len(CAPACITIES),
                                 fused_merge=option != "unfused").to(dev).eval()
 
-    def host_ms(model, n: int = 50) -> float:
-        # One autocast region for the n forwards: a weight is cast to bf16 in the first of them
-        # and the cast reused by the rest (the harness opens a region per forward).
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(dev):
-            for _ in range(n):
-                model(*inputs)
-        ms = (time.perf_counter() - t0) / n * 1e3
-        torch.cuda.synchronize()
-        return ms
-
     for m in models.values():
-        host_ms(m, 20)
+        host_ms(m, inputs, dev, 20)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(9):
         for v, m in models.items():
-            times[v].append(host_ms(m))
+            times[v].append(host_ms(m, inputs, dev))
     return times
+
+
+def host_ms(model, inputs, dev: torch.device, n: int = 50) -> float:
+    """ms the host takes per forward, issuing n in a row from an idle device. One autocast region
+    for the n forwards: a weight is cast to bf16 in the first of them and the cast reused by the
+    rest (the harness opens a region per forward)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast(dev):
+        for _ in range(n):
+            model(*inputs)
+    ms = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return ms
 
 
 def main() -> None:

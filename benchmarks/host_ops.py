@@ -5,52 +5,73 @@ events over 50 more:
 
     python benchmarks/host_ops.py   # JSON on stdout's last line
 """
+
+from __future__ import annotations
+
 import json
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from mormm.bench.models import CAPACITIES, SHAPES
+from mormm.bench.timing import timed
 
-B = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH}
+HEADS, HEAD_DIM = 6, 64
 
-def meas(fn, n=50):
-    for _ in range(10): fn()
+
+def cost(fn, n: int = 50) -> tuple[float, float]:
+    """(host us, device us) per call."""
+    for _ in range(10):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(n): fn()
+    for _ in range(n):
+        fn()
     host = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n): fn()
-    e.record(); e.synchronize()
-    return round(host, 1), round(s.elapsed_time(e) / n * 1e3, 1)
+    return round(host, 1), round(timed(fn, torch.device("cuda"), n) * 1e6, 1)
 
-rows = []
-for sh in ("audio1s", "image", "video"):
-    shape = SHAPES[sh]
-    for c in CAPACITIES:
-        L = int(shape.tokens * c)
-        for batch in (1, shape.batch):
-            q, k, v = (torch.randn(batch, 6, L, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            row = dict(shape=sh, batch=batch, L=L)
-            for name, b in B.items():
-                if name == "math" and batch > 1: continue
-                f = lambda: F.scaled_dot_product_attention(q, k, v)
-                try:
-                    if b is None: row[name] = meas(f)
-                    else:
-                        with sdpa_kernel(b): row[name] = meas(f)
-                except RuntimeError:  # no kernel of this backend for the shape
-                    row[name] = None
-            rows.append(row); print(row, flush=True)
-x = torch.rand(256, 108, device="cuda")
-m = torch.rand(256, 108, device="cuda") > 0.5
-other = dict(topk=meas(lambda: x.topk(54, dim=-1)), cumsum_i32=meas(lambda: m.cumsum(-1, dtype=torch.int32)),
-             sum=meas(lambda: m.sum(-1)), lerp=meas(lambda: torch.lerp(x, x, x)))
-print(other, flush=True)
-print(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                      cudnn=torch.backends.cudnn.version(), sdpa=rows, other=other)))
+
+def sdpa(q, k, v, backend):
+    if backend is None:
+        return cost(lambda: F.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel(backend):
+        return cost(lambda: F.scaled_dot_product_attention(q, k, v))
+
+
+def main() -> None:
+    rows = []
+    for name in ("audio1s", "image", "video"):
+        shape = SHAPES[name]
+        for c in CAPACITIES:
+            L = int(shape.tokens * c)
+            for batch in (1, shape.batch):
+                q, k, v = (torch.randn(batch, HEADS, L, HEAD_DIM, device="cuda",
+                                       dtype=torch.bfloat16) for _ in range(3))
+                row = dict(shape=name, batch=batch, L=L)
+                for backend, b in BACKENDS.items():
+                    if backend == "math" and batch > 1:
+                        continue
+                    try:
+                        row[backend] = sdpa(q, k, v, b)
+                    except RuntimeError:  # no kernel of this backend for the shape
+                        row[backend] = None
+                rows.append(row)
+                print(row, flush=True)
+    x = torch.rand(256, 108, device="cuda")  # 1 s audio's batch x tokens
+    m = torch.rand(256, 108, device="cuda") > 0.5
+    other = dict(topk=cost(lambda: x.topk(54, dim=-1)),
+                 cumsum_i32=cost(lambda: m.cumsum(-1, dtype=torch.int32)),
+                 sum=cost(lambda: m.sum(-1)), lerp=cost(lambda: torch.lerp(x, x, x)))
+    print(other, flush=True)
+    print(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                          cudnn=torch.backends.cudnn.version(), sdpa=rows, other=other)))
+
+
+if __name__ == "__main__":
+    main()

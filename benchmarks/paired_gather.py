@@ -5,71 +5,86 @@ time (5 warm-up calls, 9 turns of 10, median), vanilla beside them:
 
     python benchmarks/paired_gather.py audio1s,image   # JSON on stdout's last line
 """
+
+from __future__ import annotations
+
 import json
 import statistics
 import sys
-import time
 
 import torch
+from host_cost import host_ms  # benchmarks/, the script's folder
+
 from mormm.backbone import fused, recursion
 from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, build_model, make_inputs, shape_table, width
 from mormm.bench.timing import autocast, time_alternating
 
-paired = recursion._rows_at
+PAIRED = recursion._rows_at
+
 
 def split(stream, rope, where):
+    """The rows and the rotary tables at `where`, one gather_rows launch each."""
     if torch.compiler.is_compiling():
-        return paired(stream, rope, where)
+        return PAIRED(stream, rope, where)
     out, _ = fused.gather_rows(stream, where)
     return out, None if rope is None else fused.gather_rows(rope, where)[0]
 
-class Arm:
-    def __init__(self, model, fn): self.model, self.fn = model, fn
-    def __call__(self, *a):
-        recursion._rows_at = self.fn
-        try:
-            return self.model(*a)
-        finally:
-            recursion._rows_at = paired
 
-dev = torch.device("cuda")
-dim, heads = width(small=False)
-res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-for shape in sys.argv[1].split(","):
-    mods = {}
+class Arm:
+    """A model whose fused steps read their rows with `rows_at` during its calls."""
+
+    def __init__(self, model, rows_at) -> None:
+        self.model, self.rows_at = model, rows_at
+
+    def __call__(self, *inputs):
+        recursion._rows_at = self.rows_at
+        try:
+            return self.model(*inputs)
+        finally:
+            recursion._rows_at = PAIRED
+
+
+def run(shape: str, dev: torch.device) -> list[dict]:
+    dim, heads = width(small=False)
+    arms = {}
     for v in ("vanilla", "mor_ec", "mor_tc"):
         torch.manual_seed(0)
-        m = build_model(VARIANTS[v], dim, heads, DEPTH, len(CAPACITIES)).to(dev).eval()
+        model = build_model(VARIANTS[v], dim, heads, DEPTH, len(CAPACITIES)).to(dev).eval()
         if v == "vanilla":
-            mods[v] = m
+            arms[v] = model
         else:
-            mods[v + "/paired"] = Arm(m, paired)
-            mods[v + "/split"] = Arm(m, split)
-    for batch in (1, None):
-        inputs = make_inputs(shape_table(small=False, batch=batch)[shape], dim, dev)
-        names = list(mods)
-        if batch == 1:
-            def host_ms(m, n=50):
-                torch.cuda.synchronize(); t0 = time.perf_counter()
-                with torch.no_grad(), autocast(dev):
-                    for _ in range(n): m(*inputs)
-                ms = (time.perf_counter() - t0) / n * 1e3
-                torch.cuda.synchronize(); return ms
-            for m in mods.values(): host_ms(m, 20)
-            t = {k: [] for k in names}
-            for _ in range(9):
-                for k in names: t[k].append(host_ms(mods[k]))
-            for k in names:
-                row = dict(shape=shape, batch=1, what="host ms", arm=k, median=statistics.median(t[k]), min=min(t[k]))
-                res["rows"].append(row); print(row, flush=True)
-        else:
-            fns = []
-            for k in names:
-                def f(m=mods[k]):
-                    with torch.no_grad(), autocast(dev): m(*inputs)
-                fns.append(f)
-            ms = time_alternating(fns, dev, warmup=5, reps=9, inner=10)
-            for k, s in zip(names, ms):
-                row = dict(shape=shape, batch=inputs[0].shape[0], what="eager ms", arm=k, median=s * 1e3)
-                res["rows"].append(row); print(row, flush=True)
-print(json.dumps(res))
+            arms[f"{v}/paired"], arms[f"{v}/split"] = Arm(model, PAIRED), Arm(model, split)
+    rows = []
+    inputs = make_inputs(shape_table(small=False, batch=1)[shape], dim, dev)
+    for arm in arms.values():
+        host_ms(arm, inputs, dev, 20)
+    times = {k: [] for k in arms}
+    for _ in range(9):
+        for k, arm in arms.items():
+            times[k].append(host_ms(arm, inputs, dev))
+    rows += [dict(shape=shape, batch=1, what="host ms", arm=k, median=statistics.median(t),
+                  min=min(t)) for k, t in times.items()]
+
+    inputs = make_inputs(shape_table(small=False)[shape], dim, dev)
+
+    def forward(arm):
+        with torch.no_grad(), autocast(dev):
+            arm(*inputs)
+
+    fns = [lambda arm=arm: forward(arm) for arm in arms.values()]
+    rows += [dict(shape=shape, batch=inputs[0].shape[0], what="eager ms", arm=k, median=s * 1e3)
+             for k, s in zip(arms, time_alternating(fns, dev, warmup=5, reps=9, inner=10))]
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    rows = [r for shape in sys.argv[1].split(",") for r in run(shape, dev)]
+    print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
