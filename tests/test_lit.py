@@ -2,6 +2,7 @@
 `fit --ckpt_path` resumes the step count, the optimizer state and the token-choice router's
 loss-free balancing bias."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -196,7 +197,8 @@ def test_compiled_inference_on_cuda_takes_the_cpp_wrapper_and_training_does_not(
         (True, "cpu", False, False),
         (False, "cuda:0", False, False),
     ):
-        m = MoRModule(tok, cli.model.backbone, num_classes=4, compile=compile)
+        # a copy: compiling sets the backbone's compiled call, which must not reach other tests
+        m = MoRModule(tok, copy.deepcopy(cli.model.backbone), num_classes=4, compile=compile)
         m.configure_model()
         m._device = torch.device(device)  # what Lightning sets when it moves the module
         seen = []
