@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from host_cost import host_us  # benchmarks/, the script's folder
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -55,12 +56,7 @@ def probe(shape: str, variant: str, dev: torch.device) -> dict:
     compile_s = time.perf_counter() - t0
     wall = sorted(timed(forward, dev, 20) for _ in range(5))[2] * 1e3
     # Issued from an idle device, 10 forwards do not fill the launch queue of a host-bound model.
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        forward()
-    issue = (time.perf_counter() - t0) / 10 * 1e3
-    torch.cuda.synchronize()
+    issue = host_us(forward, 10, warmup=0) / 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED):
             forward()

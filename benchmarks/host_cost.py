@@ -21,8 +21,9 @@ from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, build_model, make_in
 from mormm.bench.timing import autocast
 
 
-def _host_us(fn, n: int = 2000) -> float:
-    for _ in range(100):
+def host_us(fn, n: int = 2000, warmup: int = 100) -> float:
+    """us the host takes per call of fn, issuing n in a row from an idle device."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -38,15 +39,15 @@ def launches(dev: torch.device) -> dict[str, float]:
     g, seq = torch.rand(1, 8, device=dev), torch.randn(1, 16, 384, device=dev)
     where = torch.arange(8, device=dev)[None]
     return {
-        "fused.merge_rows": _host_us(lambda: fused.merge_rows(x, x, x, g, True)),
+        "fused.merge_rows": host_us(lambda: fused.merge_rows(x, x, x, g, True)),
         "fused.merge_rows with scores, into the sequence":
-            _host_us(lambda: fused.merge_rows(x, x, x, g, True, w, seq, where)),
-        "fused.gather_rows": _host_us(lambda: fused.gather_rows(seq, where)),
-        "fused.gather_rows, two tensors": _host_us(lambda: fused.gather_rows(seq, where, seq)),
-        "torch.lerp": _host_us(lambda: torch.lerp(x, x, g[..., None])),
-        "add": _host_us(lambda: x + x),
-        "topk": _host_us(lambda: g.topk(4, dim=-1)),
-        "index_select": _host_us(lambda: seq[0].index_select(0, where[0])),
+            host_us(lambda: fused.merge_rows(x, x, x, g, True, w, seq, where)),
+        "fused.gather_rows": host_us(lambda: fused.gather_rows(seq, where)),
+        "fused.gather_rows, two tensors": host_us(lambda: fused.gather_rows(seq, where, seq)),
+        "torch.lerp": host_us(lambda: torch.lerp(x, x, g[..., None])),
+        "add": host_us(lambda: x + x),
+        "topk": host_us(lambda: g.topk(4, dim=-1)),
+        "index_select": host_us(lambda: seq[0].index_select(0, where[0])),
     }
 
 

@@ -9,10 +9,12 @@ events over 50 more:
 from __future__ import annotations
 
 import json
-import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from host_cost import host_us  # benchmarks/, the script's folder
+from sdpa_backends import HEAD_DIM, HEADS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mormm.bench.models import CAPACITIES, SHAPES
@@ -21,26 +23,15 @@ from mormm.bench.timing import timed
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
-HEADS, HEAD_DIM = 6, 64
 
 
 def cost(fn, n: int = 50) -> tuple[float, float]:
     """(host us, device us) per call."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return round(host, 1), round(timed(fn, torch.device("cuda"), n) * 1e6, 1)
+    return round(host_us(fn, n, warmup=10), 1), round(timed(fn, torch.device("cuda"), n) * 1e6, 1)
 
 
 def sdpa(q, k, v, backend):
-    if backend is None:
-        return cost(lambda: F.scaled_dot_product_attention(q, k, v))
-    with sdpa_kernel(backend):
+    with nullcontext() if backend is None else sdpa_kernel(backend):
         return cost(lambda: F.scaled_dot_product_attention(q, k, v))
 
 
