@@ -22,12 +22,13 @@ from mormm.bench.timing import autocast, time_alternating
 PAIRED = recursion._rows_at
 
 
-def split(stream, rope, where):
-    """The rows and the rotary tables at `where`, one gather_rows launch each."""
+def split(stream, rope, where, pick=None, L=1, units=None):
+    """The rows and the rotary tables at `where` (composed with `pick`, see
+    recursion._rows_at), one gather_rows launch each."""
     if torch.compiler.is_compiling():
-        return PAIRED(stream, rope, where)
-    out, _ = fused.gather_rows(stream, where)
-    return out, None if rope is None else fused.gather_rows(rope, where)[0]
+        return PAIRED(stream, rope, where, pick, L, units)
+    out, _, where = fused.gather_rows(stream, where, None, pick, L)
+    return out, None if rope is None else fused.gather_rows(rope, where)[0], where
 
 
 class Arm:

@@ -84,15 +84,69 @@ def test_merge_rows_into_the_sequence_and_gather_rows():
     out, score2 = fused.merge_rows(inp, x1, mlp, gate, True, weight, into=seq, where=where)
     assert out is seq and torch.equal(seq, expected) and torch.equal(score2, score)
 
-    rows, none = fused.gather_rows(seq, where)
+    rows, none, pos = fused.gather_rows(seq, where)
     assert none is None and torch.equal(rows, units.gather_rows(seq, where))
     rope = torch.randn(B, N, 2, 8, generator=g).to(DEVICE, torch.bfloat16)
     # Both at once, as a routed step reads its rows and their rotary tables.
-    rows, rope_rows = fused.gather_rows(seq, where, rope)
+    rows, rope_rows, _ = fused.gather_rows(seq, where, rope)
     assert torch.equal(rows, units.gather_rows(seq, where))
     assert torch.equal(rope_rows, units.gather_rows(rope, where))
     with pytest.raises(ValueError, match="must share src's"):
         fused.gather_rows(seq, where, rope[:, :-1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("per", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_rows_reads_kept_gates_and_applies_the_sigmoid(per, dtype):
+    """Gates read by index from a (B, U) tensor, through its strides (a column of a carry), or
+    computed from logits as scale * sigmoid, give what the kernel gives for the gates computed,
+    cast to the rows' dtype and gathered by the unfused ops (test_merge_rows_matches_the_unfused_
+    ops checks that against the unfused update)."""
+    g = torch.Generator().manual_seed(2)
+    B, U, G, D = 2, 7, 4, 24
+    K = G * per
+    inp, x1, mlp = (torch.randn(B, K, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    carry = torch.randn(B, U, 5, generator=g).to(DEVICE)
+    logits = carry[..., 3]  # strided, as token-choice's gate column is
+    index = torch.stack([torch.randperm(U, generator=g)[:G] for _ in range(B)]).to(DEVICE)
+    for gate, sigmoid in ((logits, None), (logits, 0.1), (logits.contiguous(), 0.7)):
+        values = gate if sigmoid is None else sigmoid * torch.sigmoid(gate)
+        rows = values.to(dtype).gather(1, index)
+        ref, _ = fused.merge_rows(inp, x1, mlp, rows, True)
+        out, _ = fused.merge_rows(inp, x1, mlp, gate, True, gate_index=index, sigmoid=sigmoid)
+        if sigmoid is None and (dtype == torch.float32 or DEVICE.type == "cuda"):
+            assert torch.equal(out, ref)  # the same values, read another way
+        else:  # Triton's sigmoid and torch's may differ in the last bit; Triton's interpreter
+            # rounds fp32 to bf16 toward zero, compiled kernels to nearest as torch does (one
+            # bf16 step of a gate: up to 2e-2 here); a wrong gate would be off by about 1
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("composed", [False, True])
+def test_gather_rows_composes_the_kept_positions(L, composed):
+    """With `pick`, the rows of the kept blocks of a working set whose tokens sit at `where`
+    in the sequence (None: the sequence itself), and their positions, as gather_blocks finds
+    them."""
+    g = torch.Generator().manual_seed(3)
+    B, N, D, M, P = 2, 30, 8, 18, 4  # working set: M = 6 blocks of 3 tokens (or 18 tokens)
+    seq = torch.randn(B, N, D, generator=g).to(DEVICE)
+    rope = torch.randn(B, N, 2, 4, generator=g).to(DEVICE, torch.bfloat16)
+    where = (torch.stack([torch.randperm(N, generator=g)[:M] for _ in range(B)]).to(DEVICE)
+             if composed else None)
+    blocks = M // L if composed else N // L
+    pick = torch.stack([torch.randperm(blocks, generator=g)[:P] for _ in range(B)]).to(DEVICE)
+    base = where if composed else torch.arange(N, device=DEVICE).expand(B, N)
+    expected = units.gather_blocks(base, pick, L)
+    rows, rope_rows, pos = fused.gather_rows(seq, where, rope, pick, L)
+    assert torch.equal(pos, expected)
+    assert torch.equal(rows, units.gather_rows(seq, expected))
+    assert torch.equal(rope_rows, units.gather_rows(rope, expected))
+    with pytest.raises(ValueError, match="give the positions"):
+        fused.gather_rows(seq, None)
 
 
 def _pair(router_cls, unit="token", caps=(1.0, 0.75, 0.5, 0.25), **cfg):
@@ -107,13 +161,18 @@ def _pair(router_cls, unit="token", caps=(1.0, 0.75, 0.5, 0.25), **cfg):
     return on.to(DEVICE), off.eval().to(DEVICE)
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, folded=None):
+    """Record whether each fused merge computed scores; into `folded`, whether it read the
+    kept units' gates by index and applied the router's sigmoid itself."""
     calls = []
     merge = fused.merge_rows
 
-    def spy(inp, x1, mlp, gate, delta, weight=None, into=None, where=None, taken=None):
+    def spy(inp, x1, mlp, gate, delta, weight=None, into=None, where=None, taken=None,
+            gate_index=None, sigmoid=None):
         calls.append(weight is not None)
-        return merge(inp, x1, mlp, gate, delta, weight, into, where, taken)
+        if folded is not None:
+            folded.append((gate_index is not None, sigmoid is not None))
+        return merge(inp, x1, mlp, gate, delta, weight, into, where, taken, gate_index, sigmoid)
 
     monkeypatch.setattr(fused, "merge_rows", spy)
     return calls
@@ -133,6 +192,9 @@ def _spy(monkeypatch):
     (ExpertChoiceRouter, None, {"gate_update": "output"}, [True, True, True, False], 0),
     # A step that keeps all the last one kept (no top-k) reads and writes the same rows.
     (ExpertChoiceRouter, None, {"caps": (1.0, 0.5, 0.5, 0.25)}, [True, True, True, False], 0),
+    # Two steps for everyone: the second writes a new sequence, the later ones read from it.
+    (ExpertChoiceRouter, None, {"caps": (1.0, 1.0, 0.5, 0.25)}, [True, True, True, False], 0),
+    (TokenChoiceRouter, None, {"caps": (1.0, 1.0, 0.5, 0.25)}, [False] * 4, 0),
     # An MLP router scores the rows itself: merges fused, no scores, working sets scattered back.
     (partial(ExpertChoiceRouter, mlp_hidden=16), None, {}, [False] * 4, 3),
     # Token-choice: its router decides every step up front, so no scores are fused or needed:
@@ -149,7 +211,8 @@ def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, sc
     tokens = _to(random_tokens(2, 24, 32, segments=None if segments is None else 4))
     if segments == "blocks":
         tokens = tokens.replace(contiguous_segments=True)
-    calls = _spy(monkeypatch)
+    folded = []
+    calls = _spy(monkeypatch, folded)
     scattered = []
     scatter = recursion.scatter_blocks
     monkeypatch.setattr(recursion, "scatter_blocks",
@@ -157,6 +220,8 @@ def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, sc
     with torch.no_grad():
         a = on(tokens)
         assert calls == scored and len(scattered) == scatters
+        # Expert-choice's sigmoid gates are computed in the kernel; token-choice's come decided.
+        assert [sigmoid for _, sigmoid in folded] == [router_cls is not TokenChoiceRouter] * len(calls)
         b = off(tokens)
     torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.depth, b.depth)
@@ -172,7 +237,8 @@ def test_fused_merge_only_where_it_applies(monkeypatch):
     (the kernel would be invisible to it), not over padded clips (masked loop). Where it runs,
     each later step reads its rows and their rotary tables back in one launch."""
     on, off = _pair(ExpertChoiceRouter)
-    calls = _spy(monkeypatch)
+    folded = []
+    calls = _spy(monkeypatch, folded)
     tokens = _to(random_tokens(2, 24, 32))
     on(tokens)  # grad enabled
     with torch.no_grad():
@@ -183,13 +249,15 @@ def test_fused_merge_only_where_it_applies(monkeypatch):
     assert calls == []
     gathers = []
     gather = fused.gather_rows
-    monkeypatch.setattr(fused, "gather_rows", lambda src, where, src2=None: (
-        gathers.append(src2 is not None) or gather(src, where, src2)))
+    monkeypatch.setattr(fused, "gather_rows", lambda src, where, src2=None, pick=None, L=1: (
+        gathers.append((src2 is not None, pick is not None)) or gather(src, where, src2, pick, L)))
     with torch.no_grad():
         on(tokens)
     assert len(calls) == 4
-    # Steps 2-4 read their rows back from the sequence, rotary tables in the same launch.
-    assert gathers == [True] * 3
+    # Steps 2-4 read their rows back from the sequence, rotary tables and the kept tokens'
+    # positions in the same launch; their merges read the kept tokens' logits by index.
+    assert gathers == [(True, True)] * 3
+    assert folded == [(False, True)] + [(True, True)] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")

@@ -61,6 +61,7 @@ class BaselineRouter(Router):
         return Route(
             selected=selected,
             gate=learned.gate,
+            sigmoid_scale=learned.sigmoid_scale,
             logits=learned.logits,
             kept=kept,
             exact=exact,

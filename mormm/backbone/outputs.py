@@ -27,16 +27,19 @@ class StepTrace:
 
     @classmethod
     def compact(
-        cls, n: int, competed: Tensor | None, chosen: Tensor | None, logits: Tensor, gate: Tensor,
-        taken: Tensor | None = None, spread: Callable[[Tensor], Tensor] | None = None,
+        cls, n: int, competed: Tensor | None, chosen: Tensor | None, logits: Tensor,
+        gate: Tensor | Callable[[], Tensor], taken: Tensor | None = None,
+        spread: Callable[[Tensor], Tensor] | None = None,
     ) -> StepTrace:
         """competed (B, M) positions of the tokens that competed (None: all n, in order), with
-        their logits and gates, per token (B, M) or per unit, which `spread` takes to tokens;
-        chosen (B, K) positions of the step's slots (None: all n) and taken (B, K) bool, which of
-        those slots took the step (None: all)."""
+        their logits and gates (or a function that computes the gates, called on first access),
+        per token (B, M) or per unit, which `spread` takes to tokens; chosen (B, K) positions of
+        the step's slots (None: all n) and taken (B, K) bool, which of those slots took the step
+        (None: all)."""
 
         def build() -> tuple:
-            lg, g = (logits, gate) if spread is None else (spread(logits), spread(gate))
+            g = gate() if callable(gate) else gate
+            lg, g = (logits, g) if spread is None else (spread(logits), spread(g))
             B = lg.shape[0]
             if chosen is None:
                 selected = torch.ones(B, n, dtype=torch.bool, device=lg.device)

@@ -22,6 +22,8 @@ taken slots only (PrefixKeys).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
@@ -180,6 +182,7 @@ class MoRBackbone(nn.Module):
         carry = scores = None
         set_units = units  # the working set's units
         fuse = self._fuses(x)
+        fold = fuse and not torch.compiler.is_compiling()  # gates into the merges, see below
         # Fused, with every later step's scores fused too or not needed (token-choice decides
         # every step up front): the whole sequence (B, N, D) after the first step, into which
         # each step's merge writes its rows in place; the steps read their rows from it, so no
@@ -193,13 +196,20 @@ class MoRBackbone(nn.Module):
             nxt = weights[r + 1]
             _accumulate(losses, route.losses)
             stats.update(route.stats)
-            # Gates stay per unit (B, U): merges broadcast them as views, traces on demand.
-            gate = route.gate.to(h.dtype)
+            # Gates stay per unit (B, U): merges read the kept units' own, traces on demand. An
+            # eager fused merge also applies the router's sigmoid itself where it was left to us.
+            if route.gate is None and fold:
+                gate, trace_gate = StepGate(route.logits, route.sigmoid_scale), route.gates
+            else:
+                gate = StepGate(route.gates())
+                trace_gate = gate.values
             competed, taken, step_units = where, None, set_units
             if route.index is None:  # every token of the working set takes the step
                 carry = route.carry
-                if stream is not None:  # the working set's rows live in the sequence
-                    h, h_rope = _rows_at(stream, rope, where)
+                if where is None:  # the working set is the sequence: the step writes a new one
+                    stream = None
+                elif stream is not None:  # the working set's rows live in the sequence
+                    h, h_rope, _ = _rows_at(stream, rope, where)
                 h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
                                          fuse, nxt, stream, where)
                 if (stream is None and fuse and where is None
@@ -212,34 +222,31 @@ class MoRBackbone(nn.Module):
                 index, L = route.index, set_units.max_len
                 if set_units.segment_ids is not None:
                     index, L = set_units.token_index(route.index), 1
-                if where is None:  # the kept tokens' positions in the sequence
-                    where = index if L == 1 else set_units.token_index(route.index)
-                else:
-                    where = gather_blocks(where, index, L)
                 carry = self.router.gather_carry(route.carry, route.index)
                 live = route.taken  # None: every unit of the index takes the step
                 kept = route.index.shape[1]
-                set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
-                             else Units.blocks(kept, units.max_len, units.population))
-                if stream is not None:  # straight from the sequence, by position
-                    h_in, h_rope = _rows_at(stream, rope, where)
+                if stream is not None:  # straight from the sequence, with their positions
+                    h_in, h_rope, where = _rows_at(stream, rope, where, index, L, set_units)
                 else:
+                    where = _positions(where, index, L, set_units)
                     h_in = gather_blocks(h, index, L)
                     h_rope = None if h_rope is None else gather_blocks(h_rope, index, L)
                     levels.append((h, index, L))
+                set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
+                             else Units.blocks(kept, units.max_len, units.population))
                 keys = None
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
                     keys = PrefixKeys.of(taken)
                 # Slots that did not take the step write back what they read.
                 h, scores = self._update(r, chunk, set_units, h_in, h_rope, shared_kv, keys,
-                                         gate.gather(1, route.index), fuse, nxt, stream, where,
-                                         taken)
+                                         gate._replace(index=route.index), fuse, nxt, stream,
+                                         where, taken)
             if where is None:
                 everyone_steps += 1
             else:
                 chosen.append((where, taken))
-            traces.append(StepTrace.compact(N, competed, where, route.logits, gate, taken,
+            traces.append(StepTrace.compact(N, competed, where, route.logits, trace_gate, taken,
                                             step_units.broadcaster()))
 
         grad = torch.is_grad_enabled() and h.requires_grad
@@ -255,7 +262,9 @@ class MoRBackbone(nn.Module):
             else:
                 took = torch.cat([torch.ones_like(w, dtype=torch.bool) if t is None else t
                                   for w, t in chosen], 1).long()
-            depth = depth.scatter_add(1, where, took)
+            # In place on this new tensor: no copy of it launched first. (A scalar 1 instead of
+            # `took` would save one more, but torch.compile rejects more indices than columns.)
+            depth.scatter_add_(1, where, took)
         return h, traces, depth
 
     def _masked(self, x, rope, valid, units, losses, stats):
@@ -275,7 +284,7 @@ class MoRBackbone(nn.Module):
             selected = units.broadcast(route.selected)  # (B, N)
             if valid is not None:
                 selected = selected & valid  # a padded token never joins a real segment's step
-            gate = units.broadcast(route.gate).to(x.dtype)  # (B, N)
+            gate = units.broadcast(route.gates()).to(x.dtype)  # (B, N)
             # Segments: ranked from the token mask here.
             index, taken = (route.index, route.taken) if units.is_tokens else (None, None)
             x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
@@ -307,21 +316,23 @@ class MoRBackbone(nn.Module):
             return x.is_cuda and fused.triton is not None
         return fused.runs_on(x) and torch._C._len_torch_dispatch_stack() == 0
 
-    def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate, fuse, nxt, stream=None,
-                where=None, taken=None):
-        """Step r's layers on the working set h and its gated update (gate per unit of `units`);
-        rows not `taken` (B, K) keep what they read (None: all took the step). Returns the new h
-        and, with `fuse` and the next router's weight `nxt`, its scores (else None). With `fuse`
-        the last residual add, the update and the scores run as one kernel, which writes the
-        rows to positions `where` of `stream` if given (and returns the stream); segments found
-        by id (not whole blocks) take the unfused ops."""
+    def _update(self, r, chunk, units, h, rope, shared_kv, keys, gate: StepGate, fuse, nxt,
+                stream=None, where=None, taken=None):
+        """Step r's layers on the working set h and its gated update (one gate per unit of
+        `units`); rows not `taken` (B, K) keep what they read (None: all took the step). Returns
+        the new h and, with `fuse` and the next router's weight `nxt`, its scores (else None).
+        With `fuse` the last residual add, the update and the scores run as one kernel, which
+        reads the gates as `gate` gives them and writes the rows to positions `where` of
+        `stream` if given (and returns the stream); segments found by id (not whole blocks) take
+        the unfused ops."""
         if not fuse or units.segment_ids is not None:
             out = self._run(r, chunk, h, rope, shared_kv, keys)
-            new = self._merge_units(units, h, out, gate)
+            new = self._merge_units(units, h, out, gate.materialize(h.dtype))
             return (new if taken is None else torch.where(taken[..., None], new, h)), None
         x1, m = self._run(r, chunk, h, rope, shared_kv, keys, split=True)
-        return fused.merge_rows(h, x1, m, gate, self.config.gate_update == "delta", nxt,
-                                stream, where if stream is not None else None, taken)
+        return fused.merge_rows(h, x1, m, gate.values, self.config.gate_update == "delta", nxt,
+                                stream, where if stream is not None else None, taken,
+                                gate.index, gate.sigmoid)
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
         """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
@@ -386,6 +397,24 @@ class MoRBackbone(nn.Module):
         return x.scatter(1, index[..., None].expand_as(new), new)
 
 
+class StepGate(NamedTuple):
+    """A step's gates as its merge reads them: `values` (B, U), one per unit of the working set
+    the step routed, or the router's logits where `sigmoid` is set (the gate is then
+    sigmoid * sigmoid(logit), expert-choice's alpha); `index` (B, K) the units kept, or None
+    (all). The fused merge reads them as they are, so the host launches no op to compute,
+    cast or gather them."""
+
+    values: Tensor
+    sigmoid: float | None = None
+    index: Tensor | None = None
+
+    def materialize(self, dtype: torch.dtype) -> Tensor:
+        """The (B, K) gates of the kept units, in `dtype` (the unfused merge's)."""
+        g = self.values if self.sigmoid is None else self.sigmoid * torch.sigmoid(self.values)
+        g = g.to(dtype)
+        return g if self.index is None else g.gather(1, self.index)
+
+
 def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | None:
     """The layers' fp32 linear weights and biases cast to the autocast dtype, for compiled inference
     under autocast; None otherwise. Autocast casts a linear's weight at each use; eager mode
@@ -410,13 +439,28 @@ def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | No
     return weights or None
 
 
-def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The rows (B, K, D) and rotary tables of the tokens at positions `where` (B, K) of the
-    sequence `stream` (fused steps, which keep their working set there). Compiled, as a gather
-    that inductor fuses into the kernels reading the rows (the first norm, the rotary apply)."""
+def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor | None, pick: Tensor | None = None,
+             L: int = 1, units: Units | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The rows (B, K, D), rotary tables and positions (B, K) of the tokens at positions `where`
+    of the sequence `stream` (fused steps, which keep their working set there); with `pick`,
+    of the kept blocks of those tokens (see _positions). Compiled, as a gather that inductor
+    fuses into the kernels reading the rows (the first norm, the rotary apply); eager, as one
+    launch that also composes the positions."""
     if torch.compiler.is_compiling():
-        return gather_rows(stream, where), None if rope is None else gather_rows(rope, where)
-    return fused.gather_rows(stream, where, rope)  # both in one launch
+        if pick is not None:
+            where = _positions(where, pick, L, units)
+        return (gather_rows(stream, where), None if rope is None else gather_rows(rope, where),
+                where)
+    return fused.gather_rows(stream, where, rope, pick, L)
+
+
+def _positions(where: Tensor | None, index: Tensor, L: int, units: Units) -> Tensor:
+    """The sequence positions (B, K * L) of the blocks `index` (B, K) of L tokens each, kept out
+    of a working set whose tokens sit at `where` (B, M) in the sequence (None: the working set
+    is the sequence, its units `units`)."""
+    if where is None:
+        return index if L == 1 else units.token_index(index)
+    return gather_blocks(where, index, L)
 
 
 def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:

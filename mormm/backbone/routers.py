@@ -31,7 +31,9 @@ class Route:
     # (B, U) bool units that take this step (a subset of the active ones). May be None when the
     # call got active=None (compact working set), where `index` and `taken` say it all.
     selected: Tensor | None
-    gate: Tensor  # (B, U) float weight of the step's update
+    # (B, U) float weight of the step's update. None: sigmoid_scale * sigmoid(logits), computed
+    # by whoever needs it (`gates()`): a fused merge computes it in its kernel, a launch saved.
+    gate: Tensor | None
     logits: Tensor  # (B, U) float router logits (for logging / analysis)
     kept: int  # static bound on selected units per sample
     exact: bool  # statically known: every sample selects exactly `kept` units, no padding
@@ -44,6 +46,13 @@ class Route:
     # (the taken ones first, `taken` says which). None when every unit is selected.
     index: Tensor | None = None
     taken: Tensor | None = None  # (B, kept) bool, which of `index` take the step; None: all
+    sigmoid_scale: float | None = None  # see `gate`
+
+    def gates(self) -> Tensor:
+        """The (B, U) gates, computed on first use where the router left them to its user."""
+        if self.gate is None:
+            self.gate = self.sigmoid_scale * torch.sigmoid(self.logits)
+        return self.gate
 
 
 def default_capacities(num_steps: int) -> list[float]:
@@ -193,7 +202,7 @@ class Router(nn.Module):
         return carry
 
     def score_weight(self, step: int) -> Tensor | None:
-        """(D,) weight when the step's token scores are a bias-free linear map of the hidden
+        """(1, D) weight when the step's token scores are a bias-free linear map of the hidden
         states, which the backbone may compute while it writes those states (fused.py) and pass
         to `route` as `scores`; None otherwise (the router scores them itself)."""
         return None
@@ -313,7 +322,7 @@ class ExpertChoiceRouter(Router):
 
     def score_weight(self, step: int) -> Tensor | None:
         proj = self.proj[step]
-        return proj.weight[0] if isinstance(proj, nn.Linear) else None
+        return proj.weight if isinstance(proj, nn.Linear) else None
 
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
@@ -363,15 +372,18 @@ class ExpertChoiceRouter(Router):
                 losses["router_bce"] = self.aux_loss_coef * _weighted_mean(bce, considered)
             if self.z_loss_coef > 0:
                 losses["router_z"] = self.z_loss_coef * _weighted_mean(logits.square(), considered)
+        # A sigmoid gate is left to the backbone, which may fold it into the step's merge.
+        lazy = self.activation == "sigmoid"
         return Route(
             selected=selected,
-            gate=self.gate_of(logits),
+            gate=None if lazy else self.gate_of(logits),
             logits=logits,
             kept=kept,
             exact=exact,
             losses=losses,
             index=index,
             taken=taken,
+            sigmoid_scale=self.alpha if lazy else None,
         )
 
 
