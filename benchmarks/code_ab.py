@@ -1,0 +1,103 @@
+"""Eager forwards of two checkouts of mormm, timed in turns in one process.
+
+A change that cuts the host's work per forward shows on eager short clips, which are bound by
+the host. The lent hosts differ by up to 2x in speed, and one host drifts by 10 % and more from
+one process to the next, so the two codes are loaded side by side into one process (each
+model keeps the module objects it was built from) and timed in turns: for each shape and
+variant, the wall time per forward at the shape's batch and the host's time to issue a forward
+at batch 1 (bf16 autocast, one autocast region per forward, as the harness opens). Prints a
+markdown table, B against A.
+
+    python benchmarks/code_ab.py A_DIR B_DIR [--shapes audio1s,image] [--variants ...]
+        [--json out.json]
+
+A_DIR and B_DIR each hold the `mormm` and `encoders` packages of one code
+(`git archive REV mormm encoders | tar -x -C DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from functools import partial
+
+import torch
+
+
+def load(tree: str):
+    """mormm.bench.models and mormm.bench.timing of the code in `tree`, freshly imported."""
+    for name in [n for n in sys.modules if n.split(".")[0] in ("mormm", "encoders")]:
+        del sys.modules[name]
+    sys.path.insert(0, tree)
+    try:
+        models = importlib.import_module("mormm.bench.models")
+        timing = importlib.import_module("mormm.bench.timing")
+    finally:
+        sys.path.remove(tree)
+    if not models.__file__.startswith(str(__import__("pathlib").Path(tree).resolve())):
+        raise RuntimeError(f"mormm was imported from {models.__file__}, not from {tree}: run "
+                           "where no other mormm is importable")
+    return models, timing
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--shapes", default="audio1s,image")
+    p.add_argument("--variants", default="vanilla,recursive,mor_ec,mor_tc")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--json")
+    args = p.parse_args()
+    shapes, variants = args.shapes.split(","), args.variants.split(",")
+    dev = torch.device("cuda")
+    codes = {"A": load(args.a), "B": load(args.b)}
+    timing = codes["B"][1]
+    result: dict = {}
+    for shape_name in shapes:
+        fns, hosts, keys = [], [], []
+        for code, (models, code_timing) in codes.items():
+            shape = models.shape_table(False)[shape_name]
+            dim, heads = models.width(False)
+            inputs = models.make_inputs(shape, dim, dev)
+            one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+            for v in variants:
+                model = models.build_model(models.VARIANTS[v], dim, heads, models.DEPTH,
+                                           len(models.CAPACITIES)).to(dev).eval()
+
+                def forward(model, batch, autocast=code_timing.autocast):
+                    with torch.no_grad(), autocast(dev):
+                        return model(*batch)
+
+                fns.append(partial(forward, model, inputs))
+                hosts.append(partial(forward, model, one))
+                keys.append((code, v))
+        walls = timing.time_alternating(fns, dev, 5, args.reps, 10)
+        host = timing.host_times(hosts, dev, 3 * args.reps)
+        result[shape_name] = {f"{c}/{v}": {"wall_ms": w * 1e3, "host_ms": h * 1e3}
+                              for (c, v), w, h in zip(keys, walls, host)}
+        del fns, hosts
+        torch.cuda.empty_cache()
+
+    print(f"# {args.a} (A) against {args.b} (B): {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, one process, in turns\n")
+    print("| shape | variant | host ms at batch 1, A / B | wall ms at the shape's batch, A / B "
+          "| B / A wall | speedup over vanilla, A / B |")
+    print("|---|---|---|---|---|---|")
+    for s, rows in result.items():
+        for v in variants:
+            a, b = rows[f"A/{v}"], rows[f"B/{v}"]
+            speed = " / ".join(f"{rows[f'{c}/vanilla']['wall_ms'] / rows[f'{c}/{v}']['wall_ms']:.2f}x"
+                               for c in "AB") if "vanilla" in variants else "-"
+            print(f"| {s} | {v} | {a['host_ms']:.2f} / {b['host_ms']:.2f} | {a['wall_ms']:.2f} / "
+                  f"{b['wall_ms']:.2f} | {b['wall_ms'] / a['wall_ms']:.3f} | {speed} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"a": args.a, "b": args.b, "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "rows": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
