@@ -124,11 +124,15 @@ class MoRModule(L.LightningModule):
     def backbone(self) -> MoRBackbone:
         return self.model.backbone
 
+    @property
+    def _compile_mode(self) -> str | None:
+        """The torch.compile mode of a compiled backbone (`compile: true`: None, the default)."""
+        return None if self.hparams.compile is True else self.hparams.compile
+
     def configure_model(self) -> None:
-        mode = self.hparams.compile
-        if mode:
+        if self.hparams.compile:
             # In place: parameter names (and so checkpoints) stay those of the eager model.
-            self.model.backbone.compile(options=compile_options(None if mode is True else mode))
+            self.model.backbone.compile(options=compile_options(self._compile_mode))
 
     def on_fit_start(self) -> None:
         # Uptraining initialises a fresh run only. A resumed run (--ckpt_path) takes every weight
@@ -141,9 +145,8 @@ class MoRModule(L.LightningModule):
     def forward(self, batch: dict) -> ClassifierOutput:
         if self._cuda_graphs:  # one forward per step: what the last one returned may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        mode = self.hparams.compile
-        if mode and not torch.is_grad_enabled():  # validate, test, predict
-            with inference_config(None if mode is True else mode, self.device):
+        if self.hparams.compile and not torch.is_grad_enabled():  # validate, test, predict
+            with inference_config(self._compile_mode, self.device):
                 return self.model(batch)
         return self.model(batch)
 
