@@ -22,6 +22,7 @@ import importlib
 import json
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,7 @@ def load(tree: str):
         timing = importlib.import_module("mormm.bench.timing")
     finally:
         sys.path.remove(tree)
-    if not models.__file__.startswith(str(__import__("pathlib").Path(tree).resolve())):
+    if not models.__file__.startswith(str(Path(tree).resolve())):
         raise RuntimeError(f"mormm was imported from {models.__file__}, not from {tree}: run "
                            "where no other mormm is importable")
     return models, timing
@@ -89,8 +90,11 @@ def main() -> None:
     for s, rows in result.items():
         for v in variants:
             a, b = rows[f"A/{v}"], rows[f"B/{v}"]
-            speed = " / ".join(f"{rows[f'{c}/vanilla']['wall_ms'] / rows[f'{c}/{v}']['wall_ms']:.2f}x"
-                               for c in "AB") if "vanilla" in variants else "-"
+            speed = "-"
+            if "vanilla" in variants:
+                speed = " / ".join(
+                    f"{rows[f'{c}/vanilla']['wall_ms'] / rows[f'{c}/{v}']['wall_ms']:.2f}x"
+                    for c in "AB")
             print(f"| {s} | {v} | {a['host_ms']:.2f} / {b['host_ms']:.2f} | {a['wall_ms']:.2f} / "
                   f"{b['wall_ms']:.2f} | {b['wall_ms'] / a['wall_ms']:.3f} | {speed} |")
     if args.json:

@@ -221,7 +221,8 @@ def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, sc
         a = on(tokens)
         assert calls == scored and len(scattered) == scatters
         # Expert-choice's sigmoid gates are computed in the kernel; token-choice's come decided.
-        assert [sigmoid for _, sigmoid in folded] == [router_cls is not TokenChoiceRouter] * len(calls)
+        expert = router_cls is not TokenChoiceRouter
+        assert [sigmoid for _, sigmoid in folded] == [expert] * len(calls)
         b = off(tokens)
     torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.depth, b.depth)

@@ -332,7 +332,7 @@ class MoRBackbone(nn.Module):
         x1, m = self._run(r, chunk, h, rope, shared_kv, keys, split=True)
         return fused.merge_rows(h, x1, m, gate.values, self.config.gate_update == "delta", nxt,
                                 stream, where if stream is not None else None, taken,
-                                gate.index, gate.sigmoid)
+                                gate.index, gate.sigmoid_scale)
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
         """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
@@ -399,18 +399,20 @@ class MoRBackbone(nn.Module):
 
 class StepGate(NamedTuple):
     """A step's gates as its merge reads them: `values` (B, U), one per unit of the working set
-    the step routed, or the router's logits where `sigmoid` is set (the gate is then
-    sigmoid * sigmoid(logit), expert-choice's alpha); `index` (B, K) the units kept, or None
-    (all). The fused merge reads them as they are, so the host launches no op to compute,
+    the step routed, or the router's logits where `sigmoid_scale` is set (the gate is then
+    sigmoid_scale * sigmoid(logit), expert-choice's alpha); `index` (B, K) the units kept, or
+    None (all). The fused merge reads them as they are, so the host launches no op to compute,
     cast or gather them."""
 
     values: Tensor
-    sigmoid: float | None = None
+    sigmoid_scale: float | None = None
     index: Tensor | None = None
 
     def materialize(self, dtype: torch.dtype) -> Tensor:
         """The (B, K) gates of the kept units, in `dtype` (the unfused merge's)."""
-        g = self.values if self.sigmoid is None else self.sigmoid * torch.sigmoid(self.values)
+        g = self.values
+        if self.sigmoid_scale is not None:
+            g = self.sigmoid_scale * torch.sigmoid(g)
         g = g.to(dtype)
         return g if self.index is None else g.gather(1, self.index)
 
@@ -439,8 +441,9 @@ def _linears_cast_once(module: MoRBackbone, x: Tensor) -> dict[str, Tensor] | No
     return weights or None
 
 
-def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor | None, pick: Tensor | None = None,
-             L: int = 1, units: Units | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+def _rows_at(stream: Tensor, rope: Tensor | None, where: Tensor | None,
+             pick: Tensor | None = None, L: int = 1,
+             units: Units | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """The rows (B, K, D), rotary tables and positions (B, K) of the tokens at positions `where`
     of the sequence `stream` (fused steps, which keep their working set there); with `pick`,
     of the kept blocks of those tokens (see _positions). Compiled, as a gather that inductor
