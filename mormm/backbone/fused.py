@@ -172,8 +172,9 @@ def gather_rows(src: Tensor, where: Tensor | None, src2: Tensor | None = None,
     with src2 (B, N, *F2) its rows at the same positions too, in the same launch (else None).
     pick (B, P): the positions are those of blocks of `block_len` entries of where (B, M)
     instead, block pick[b, p] for rows p * L .. (p + 1) * L - 1 (gather_blocks(where, pick, L);
-    where None: positions 0 .. M - 1), written out as well: a routed step's kept tokens, their
-    positions in the sequence, their rows and rotary tables in one launch.
+    where None: of the sequence's own positions 0 .. N - 1), written out as well: a routed
+    step's kept tokens, their positions in the sequence, their rows and rotary tables in one
+    launch.
     Returns the rows, src2's rows and the positions (where itself without pick).
     torch's gather reads an index per element: for 32 x 1176 fp32 rows of 384 on the H200 it
     took 53.7 us, a row-wise copy (index_select) 33.8 us. A launch costs the lent hosts 27-48 us
@@ -186,7 +187,7 @@ def gather_rows(src: Tensor, where: Tensor | None, src2: Tensor | None = None,
     else:
         KP = pick.shape[1]
         K, M = KP * block_len, 0 if where is None else where.shape[1]
-        pick = pick.contiguous()
+        pick, where = pick.contiguous(), None if where is None else where.contiguous()
         pos = torch.empty(B, K, dtype=torch.long, device=src.device)
     src = src.contiguous()
     out = torch.empty(B, K, *src.shape[2:], dtype=src.dtype, device=src.device)
@@ -200,7 +201,8 @@ def gather_rows(src: Tensor, where: Tensor | None, src2: Tensor | None = None,
     # Row sizes from the shapes (indexing a row to count it would be two ops to dispatch).
     F, F2 = math.prod(src.shape[2:]), 1 if src2 is None else math.prod(src2.shape[2:])
     _gather_rows[(triton.cdiv(B * K, ROWS),)](
-        src, pos if where is None else where.contiguous(), pos if pick is None else pick, pos,
+        src, where if pick is not None and where is not None else pos,
+        pos if pick is None else pick, pos,
         out, out if src2 is None else src2, out if out2 is None else out2, B * K, F, F2, K, N, M,
         KP, block_len, ROWS=ROWS, BLOCK_F=triton.next_power_of_2(F), PAIR=src2 is not None,
         BLOCK_F2=triton.next_power_of_2(F2), PICK=pick is not None, WHERE=where is not None)
