@@ -9,7 +9,7 @@ at batch 1 (bf16 autocast, one autocast region per forward, as the harness opens
 markdown table, B against A.
 
     python benchmarks/code_ab.py A_DIR B_DIR [--shapes audio1s,image] [--variants ...]
-        [--json out.json]
+        [--json out.json] [--device cpu --small]     # the last two: the CI smoke test
 
 A_DIR and B_DIR each hold the `mormm` and `encoders` packages of one code
 (`git archive REV mormm encoders | tar -x -C DIR`).
@@ -29,6 +29,9 @@ import torch
 
 def load(tree: str):
     """mormm.bench.models and mormm.bench.timing of the code in `tree`, freshly imported."""
+    if not (Path(tree) / "mormm" / "__init__.py").is_file():
+        raise SystemExit(f"code_ab.py: {tree} holds no mormm package; fill it with "
+                         f"`git archive REV mormm encoders | tar -x -C {tree}`")
     for name in [n for n in sys.modules if n.split(".")[0] in ("mormm", "encoders")]:
         del sys.modules[name]
     sys.path.insert(0, tree)
@@ -51,17 +54,20 @@ def main() -> None:
     p.add_argument("--variants", default="vanilla,recursive,mor_ec,mor_tc")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--json")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--small", action="store_true", help="the harness's tiny shapes and width")
     args = p.parse_args()
     shapes, variants = args.shapes.split(","), args.variants.split(",")
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     codes = {"A": load(args.a), "B": load(args.b)}
     timing = codes["B"][1]
     result: dict = {}
     for shape_name in shapes:
         fns, hosts, keys = [], [], []
         for code, (models, code_timing) in codes.items():
-            shape = models.shape_table(False)[shape_name]
-            dim, heads = models.width(False)
+            shape = models.shape_table(args.small)[shape_name]
+            dim, heads = models.width(args.small)
             inputs = models.make_inputs(shape, dim, dev)
             one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
             for v in variants:
@@ -82,7 +88,7 @@ def main() -> None:
         del fns, hosts
         torch.cuda.empty_cache()
 
-    print(f"# {args.a} (A) against {args.b} (B): {torch.cuda.get_device_name()}, "
+    print(f"# {args.a} (A) against {args.b} (B): {device_name}, "
           f"torch {torch.__version__}, one process, in turns\n")
     print("| shape | variant | host ms at batch 1, A / B | wall ms at the shape's batch, A / B "
           "| B / A wall | speedup over vanilla, A / B |")
@@ -99,7 +105,7 @@ def main() -> None:
                   f"{b['wall_ms']:.2f} | {b['wall_ms'] / a['wall_ms']:.3f} | {speed} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"a": args.a, "b": args.b, "device": torch.cuda.get_device_name(),
+            json.dump({"a": args.a, "b": args.b, "device": device_name,
                        "torch": torch.__version__, "rows": result}, f, indent=1)
 
 

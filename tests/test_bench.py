@@ -203,3 +203,52 @@ def test_harness_names_a_device_it_cannot_use(capsys):
         main(["bench", "--small", "--device", "cuda:99"])
     err = capsys.readouterr().err
     assert "--device cuda:99: not usable here (" in err and "--device cpu --small" in err
+
+
+def _checkout(root, dest):
+    """A tree holding this checkout's `mormm` and `encoders` packages, as code_ab.py takes."""
+    import shutil
+
+    for package in ("mormm", "encoders"):
+        shutil.copytree(root / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def test_code_ab_times_two_checkouts_side_by_side_in_one_process(tmp_path):
+    """benchmarks/code_ab.py: each code's models run that code's modules (loaded side by side
+    into one process), both are timed on the CPU's tiny shapes, and a tree that holds no mormm
+    is named (not timed as the installed mormm)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "code_ab.py"
+    a, b = _checkout(root, tmp_path / "a"), _checkout(root, tmp_path / "b")
+    probe = (f"import sys; sys.path.insert(0, {str(script.parent)!r}); import code_ab\n"
+             "files = []\n"
+             f"for tree in ({str(a)!r}, {str(b)!r}):\n"
+             "    models, _ = code_ab.load(tree)\n"
+             "    m = models.build_model(models.VARIANTS['mor_ec'], 32, 2, 12, 4)\n"
+             "    files.append(type(m.backbone).forward.__code__.co_filename)\n"
+             "print(json.dumps(files))\n")
+    out = subprocess.run([sys.executable, "-c", "import json\n" + probe], capture_output=True,
+                         text=True, check=True, cwd=tmp_path)
+    files = json.loads(out.stdout.strip().splitlines()[-1])
+    assert files[0].startswith(str(a)) and files[1].startswith(str(b))
+
+    result = tmp_path / "ab.json"
+    out = subprocess.run([sys.executable, str(script), str(a), str(b), "--device", "cpu",
+                          "--small", "--shapes", "image", "--variants", "vanilla,mor_ec",
+                          "--reps", "2", "--json", str(result)],
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    rows = json.loads(result.read_text())["rows"]["image"]
+    assert set(rows) == {"A/vanilla", "A/mor_ec", "B/vanilla", "B/mor_ec"}
+    assert all(r["wall_ms"] > 0 and r["host_ms"] > 0 for r in rows.values())
+    assert "| image | mor_ec |" in out.stdout and "speedup over vanilla, A / B" in out.stdout
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = subprocess.run([sys.executable, str(script), str(empty), str(b), "--device", "cpu",
+                             "--small"], capture_output=True, text=True, cwd=tmp_path)
+    assert failed.returncode != 0 and f"{empty} holds no mormm package" in failed.stderr
