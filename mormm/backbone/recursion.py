@@ -34,7 +34,7 @@ from mormm.backbone.config import BackboneConfig
 from mormm.backbone.layers import Block, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.rotary import AxialRotary
-from mormm.backbone.routers import Router
+from mormm.backbone.routers import Router, sigmoid_gate
 from mormm.backbone.sharing import sharing_plan
 from mormm.backbone.units import Units, gather_blocks, gather_rows, scatter_blocks
 
@@ -412,7 +412,7 @@ class StepGate(NamedTuple):
         """The (B, K) gates of the kept units, in `dtype` (the unfused merge's)."""
         g = self.values
         if self.sigmoid_scale is not None:
-            g = self.sigmoid_scale * torch.sigmoid(g)
+            g = sigmoid_gate(g, self.sigmoid_scale)
         g = g.to(dtype)
         return g if self.index is None else g.gather(1, self.index)
 

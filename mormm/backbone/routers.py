@@ -51,8 +51,14 @@ class Route:
     def gates(self) -> Tensor:
         """The (B, U) gates, computed on first use where the router left them to its user."""
         if self.gate is None:
-            self.gate = self.sigmoid_scale * torch.sigmoid(self.logits)
+            self.gate = sigmoid_gate(self.logits, self.sigmoid_scale)
         return self.gate
+
+
+def sigmoid_gate(logits: Tensor, scale: float) -> Tensor:
+    """scale * sigmoid(logits): expert-choice's default gate, wherever it is computed outside
+    the fused merge (which computes the same in its kernel, fused.merge_rows)."""
+    return scale * torch.sigmoid(logits)
 
 
 def default_capacities(num_steps: int) -> list[float]:
@@ -311,8 +317,9 @@ class ExpertChoiceRouter(Router):
         return stats
 
     def gate_of(self, logits: Tensor) -> Tensor:
-        act = torch.sigmoid if self.activation == "sigmoid" else torch.tanh
-        return self.alpha * act(logits)
+        if self.activation == "sigmoid":
+            return sigmoid_gate(logits, self.alpha)
+        return self.alpha * torch.tanh(logits)
 
     def compact(self, units: Units) -> bool:
         # Top-k over the units of unpadded clips: every step keeps exactly its static count of
