@@ -112,8 +112,8 @@ def test_compact_steps_rank_only_what_the_last_step_kept():
     captured = []
     route = fast.router.route
 
-    def spy(step, hidden, units, active, carry, scores=None):
-        out = route(step, hidden, units, active, carry, scores)
+    def spy(step, hidden, units, active, carry, scores=None, fused=False):
+        out = route(step, hidden, units, active, carry, scores, fused=fused)
         captured.append((hidden.shape[1], units.population, out))
         return out
 

@@ -22,7 +22,8 @@ from mormm.backbone import (
     compile_options,
     inference_config,
 )
-from mormm.backbone import fused, recursion, units
+from mormm.backbone import fused, fused_routing, recursion, routers, units
+from mormm.backbone.layers import PrefixKeys
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,6 +260,69 @@ def test_fused_merge_only_where_it_applies(monkeypatch):
     # positions in the same launch; their merges read the kept tokens' logits by index.
     assert gathers == [(True, True)] * 3
     assert folded == [(False, True)] + [(True, True)] * 3
+
+
+@needs_kernel
+@pytest.mark.parametrize("R", [3, 4])
+def test_decide_kernel_matches_token_choice_decision(monkeypatch, R):
+    """fused_routing.decide gives TokenChoiceRouter._decide's carry: logits, priorities (-inf
+    past each unit's choice), gates; ties of logits + bias go to the first depth, as in
+    torch.argmax. In training the router keeps its ops (the balancing needs them)."""
+    router = TokenChoiceRouter([1.0, 0.75, 0.5, 0.25][:R], alpha=0.7)
+    router.bind(8, R)
+    router = router.to(DEVICE).eval()
+    B, U = 2, 11  # 22 rows: not a multiple of the rows per program
+    logits = torch.randn(B, U, R, generator=torch.Generator().manual_seed(0)) * 3
+    bias = torch.tensor([0.5, 0.0, 0.25, -0.5][:R])
+    logits[0, 0] = torch.tensor([0.5, 1.0, 0.75, 1.5][:R])  # logits + bias: a three-way tie
+    logits[0, 1] = torch.tensor([0.0, 1.5, 1.25, 0.0][:R])  # depths 2 and 3 tie, above depth 1
+    logits, bias = logits.to(DEVICE), bias.to(DEVICE)
+    router.depth_bias.copy_(bias)
+    monkeypatch.setattr(routers, "_score", lambda proj, hidden: logits)
+    hidden, tokens = torch.zeros(B, U, 8, device=DEVICE), units.Units.tokens(None, U)
+    ref, _, _ = router._decide(hidden, tokens, None, fused=False)
+    carry = fused_routing.decide(logits, bias, 0.7)
+    assert torch.equal(carry[..., R:2 * R].isinf(), ref[..., R:2 * R].isinf())
+    torch.testing.assert_close(carry, ref, rtol=1e-6, atol=1e-6)
+    assert carry[0, 0, R:2 * R].isinf().tolist() == [False] + [True] * (R - 1)
+    assert carry[0, 1, R:2 * R].isinf().tolist() == [False, False] + [True] * (R - 2)
+
+    ran = []
+    monkeypatch.setattr(fused_routing, "decide", lambda *a: ran.append(1))
+    route = router.train().route(0, hidden, tokens, None, None, fused=True)
+    assert ran == [] and "router_balance" in route.losses
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 5, 37])
+def test_prefix_offsets_kernel_matches_the_ops(M):
+    n = torch.tensor([0, M, M // 2])  # none, all and some of the slots taken
+    mask = (torch.arange(M)[None] < n[:, None]).to(DEVICE)
+    expected = PrefixKeys.of(mask).cu_seqlens
+    assert expected.tolist() == [0, 0, M, 2 * M, 2 * M, 2 * M + M // 2, 3 * M]
+    assert torch.equal(PrefixKeys.of(mask, fused=True).cu_seqlens, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("unit", ["token", "segment"])
+def test_token_choice_bookkeeping_runs_fused_where_the_merges_do(monkeypatch, unit):
+    """Eager fused inference: token-choice's decision in one launch per forward, each padded
+    step's attention offsets in one each (what the launches compute: the two tests above and
+    test_fused_forward_equals_unfused); not in training, nor with the fused merges off."""
+    on, off = _pair(TokenChoiceRouter, unit)
+    ran = []
+    for name in ("decide", "prefix_offsets"):
+        kernel = getattr(fused_routing, name)
+        monkeypatch.setattr(fused_routing, name,
+                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+    tokens = _to(random_tokens(2, 24, 32, segments=None if unit == "token" else 4))
+    tokens = tokens.replace(contiguous_segments=unit == "segment")
+    on(tokens)
+    with torch.no_grad():
+        off(tokens)
+        assert ran == []
+        on(tokens)
+    assert ran == ["decide"] + ["prefix_offsets"] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")

@@ -50,8 +50,8 @@ class BaselineRouter(Router):
         raise NotImplementedError
 
     def route(self, step: int, hidden: Tensor, units: Units, active: Tensor, carry: Any,
-              scores: Tensor | None = None) -> Route:
-        learned = self.learned.route(step, hidden, units, active, carry, scores)
+              scores: Tensor | None = None, fused: bool = False) -> Route:
+        learned = self.learned.route(step, hidden, units, active, carry, scores, fused=fused)
         cap = self.capacities[step]  # nominal capacity (a token-choice capacity_factor is slack)
         kept = capacity_count(cap, units.num_units)
         existing = units.counts(active.shape[0], active.device)

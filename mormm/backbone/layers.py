@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from mormm.backbone import fused_routing
 from mormm.backbone.rotary import apply_rotary
 
 Rope = Tensor | None  # rotation table (B, K, 2, Dh), see rotary.py
@@ -42,7 +43,11 @@ class PrefixKeys:
     cu_seqlens: Tensor  # (2B + 1,) int32 offsets of the 2B sequences in the flattened (B * M) rows
 
     @classmethod
-    def of(cls, mask: Tensor) -> PrefixKeys:
+    def of(cls, mask: Tensor, fused: bool = False) -> PrefixKeys:
+        """fused: the offsets in one Triton launch instead of five small ops (eager inference,
+        where each launch is host time; see fused_routing.py)."""
+        if fused:
+            return cls(mask, fused_routing.prefix_offsets(mask))
         B, M = mask.shape
         n = mask.sum(-1, dtype=torch.int32)
         lengths = torch.stack((n, M - n), 1).flatten()

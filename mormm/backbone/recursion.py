@@ -182,7 +182,9 @@ class MoRBackbone(nn.Module):
         carry = scores = None
         set_units = units  # the working set's units
         fuse = self._fuses(x)
-        fold = fuse and not torch.compiler.is_compiling()  # gates into the merges, see below
+        # Eager: gates into the merges (below) and token-choice's decision and attention
+        # offsets into Triton launches (fused_routing.py); compiled, inductor fuses their ops.
+        fold = fuse and not torch.compiler.is_compiling()
         # Fused, with every later step's scores fused too or not needed (token-choice decides
         # every step up front): the whole sequence (B, N, D) after the first step, into which
         # each step's merge writes its rows in place; the steps read their rows from it, so no
@@ -192,7 +194,7 @@ class MoRBackbone(nn.Module):
         R = len(self.plan.steps)
         weights = [self.router.score_weight(j) if fuse and j else None for j in range(R)] + [None]
         for r, chunk in enumerate(self.plan.steps):
-            route = self.router.route(r, h, set_units, live, carry, scores)
+            route = self.router.route(r, h, set_units, live, carry, scores, fused=fold)
             nxt = weights[r + 1]
             _accumulate(losses, route.losses)
             stats.update(route.stats)
@@ -237,7 +239,7 @@ class MoRBackbone(nn.Module):
                 keys = None
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
-                    keys = PrefixKeys.of(taken)
+                    keys = PrefixKeys.of(taken, fold)
                 # Slots that did not take the step write back what they read.
                 h, scores = self._update(r, chunk, set_units, h_in, h_rope, shared_kv, keys,
                                          gate._replace(index=route.index), fuse, nxt, stream,

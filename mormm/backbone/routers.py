@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mormm.backbone import fused_routing
 from mormm.backbone.units import Units, capacity_count, capacity_counts, gather_rows
 
 ACTIVATIONS = ("sigmoid", "tanh")
@@ -221,11 +222,12 @@ class Router(nn.Module):
 
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
-        scores: Tensor | None = None,
+        scores: Tensor | None = None, fused: bool = False,
     ) -> Route:
         """hidden (B, N, D) states of the units' tokens; active (B, U) units still in play, or
         None when every unit is; scores (B, N) fp32 hidden @ score_weight(step), or None (only
-        given where score_weight(step) is not None)."""
+        given where score_weight(step) is not None); fused: the backbone runs this step's
+        inference through its Triton kernels (eager; fused.py), and the router may too."""
         raise NotImplementedError
 
     def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
@@ -333,7 +335,7 @@ class ExpertChoiceRouter(Router):
 
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
-        scores: Tensor | None = None,
+        scores: Tensor | None = None, fused: bool = False,
     ) -> Route:
         if scores is None:
             scores = _score(self.proj[step], hidden).squeeze(-1)
@@ -468,8 +470,10 @@ class TokenChoiceRouter(Router):
         R = self.num_steps
         return carry[..., :R], carry[..., R:2 * R], carry[..., 2 * R]
 
-    def _decide(self, hidden: Tensor, units: Units, active: Tensor | None):
+    def _decide(self, hidden: Tensor, units: Units, active: Tensor | None, fused: bool):
         logits = units.pool(_score(self.proj, hidden))  # (B, U, R)
+        if fused and not self.training:  # the carry below in one launch, no losses to compute
+            return fused_routing.decide(logits, self.depth_bias, self.alpha), {}, {}
         probs = logits.softmax(-1)
         choice = (logits + self.depth_bias).argmax(-1)  # (B, U) in [0, R)
         gate = self.alpha * probs.gather(-1, choice[..., None]).squeeze(-1)
@@ -505,11 +509,11 @@ class TokenChoiceRouter(Router):
 
     def route(
         self, step: int, hidden: Tensor, units: Units, active: Tensor | None, carry: Any,
-        scores: Tensor | None = None,
+        scores: Tensor | None = None, fused: bool = False,
     ) -> Route:
         losses, stats = {}, {}
         if carry is None:
-            carry, losses, stats = self._decide(hidden, units, active)
+            carry, losses, stats = self._decide(hidden, units, active, fused)
         logits, priority, gate = self._unpack(carry)
         cap = self.step_capacity(step)
         kept = capacity_count(cap, units.population)  # <= the previous step's: capacities fall
