@@ -69,8 +69,8 @@ def markdown(result: dict) -> str:
         "variant FLOPs (forward, torch.utils.flop_counter); frac = speedup / bound; host ms = the "
         "host's time to issue one eager forward (timed at batch 1; near infer ms, the row is "
         "host-bound and follows the host's speed); kernels = aten ops that launch work in one "
-        "eager forward (counted on the unfused ops: on CUDA, the fused step ends and row "
-        "gathers launch 13 fewer per expert-choice forward at N_r = 4); train and mem = "
+        "eager forward (counted on the unfused ops; on CUDA the fused kernels of fused.py and "
+        "fused_routing.py stand in for several of them per routed step); train and mem = "
         "training step time and peak memory over vanilla's.",
         "",
     ]
