@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mormm.backbone.fused import ROWS, triton
+from mormm.backbone.fused import ROWS, cdiv, pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -64,8 +64,8 @@ def decide(logits: Tensor, bias: Tensor, alpha: float) -> Tensor:
     P(choice)."""
     B, U, R = logits.shape
     carry = torch.empty(B, U, 2 * R + 1, dtype=torch.float32, device=logits.device)
-    _decide[(triton.cdiv(B * U, ROWS),)](logits.float().contiguous(), bias, carry, B * U, R,
-                                         alpha, ROWS=ROWS, BLOCK_R=triton.next_power_of_2(R))
+    _decide[(cdiv(B * U, ROWS),)](logits.float().contiguous(), bias, carry, B * U, R,
+                                         alpha, ROWS=ROWS, BLOCK_R=pow2(R))
     return carry
 
 
@@ -75,5 +75,5 @@ def prefix_offsets(mask: Tensor) -> Tensor:
     from b * M + n_b (layers.PrefixKeys)."""
     B, M = mask.shape
     cu = torch.empty(2 * B + 1, dtype=torch.int32, device=mask.device)
-    _prefix_offsets[(B,)](mask.contiguous(), cu, B, M, BLOCK=triton.next_power_of_2(M))
+    _prefix_offsets[(B,)](mask.contiguous(), cu, B, M, BLOCK=pow2(M))
     return cu
