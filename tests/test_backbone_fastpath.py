@@ -23,7 +23,7 @@ from mormm.backbone.layers import PrefixKeys
 
 
 def _dense_step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None,
-                taken=None):
+                taken=None, fused=False):
     h = x
     for j, i in enumerate(chunk):
         h, _ = self._layer(i, h, rope, selected, valid, r, j, shared_kv)

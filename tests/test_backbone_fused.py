@@ -325,6 +325,25 @@ def test_token_choice_bookkeeping_runs_fused_where_the_merges_do(monkeypatch, un
     assert ran == ["decide"] + ["prefix_offsets"] * 3
 
 
+@needs_kernel
+def test_token_choice_bookkeeping_runs_fused_over_padded_clips_too(monkeypatch):
+    """Padded clips take the masked loop, whose merges stay unfused; token-choice's decision and
+    its steps' attention offsets still run as one launch each, with the same outputs."""
+    on, off = _pair(TokenChoiceRouter)
+    ran = []
+    for name in ("decide", "prefix_offsets"):
+        kernel = getattr(fused_routing, name)
+        monkeypatch.setattr(fused_routing, name,
+                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+    tokens = _to(random_tokens(2, 24, 32, lengths=[24, 17]))
+    assert not on.router.compact(on._units(tokens))
+    with torch.no_grad():
+        a, b = on(tokens), off(tokens)
+    assert ran == ["decide"] + ["prefix_offsets"] * 3
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.depth, b.depth)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")
 @pytest.mark.parametrize("unit", ["token", "segment"])
 def test_fused_forward_on_cuda_under_autocast(unit):

@@ -278,8 +278,11 @@ class MoRBackbone(nn.Module):
         carry = None
         shared_kv: list = []
         traces: list[StepTrace] = []
+        # The merges here stay unfused; token-choice's decision and the padded steps' attention
+        # offsets run as one launch each where a fused merge would (fused_routing.py).
+        fold = self._fuses(x) and not torch.compiler.is_compiling()
         for r, chunk in enumerate(self.plan.steps):
-            route = self.router.route(r, x, units, active, carry)
+            route = self.router.route(r, x, units, active, carry, fused=fold)
             carry, active = route.carry, route.selected
             _accumulate(losses, route.losses)
             stats.update(route.stats)
@@ -290,7 +293,7 @@ class MoRBackbone(nn.Module):
             # Segments: ranked from the token mask here.
             index, taken = (route.index, route.taken) if units.is_tokens else (None, None)
             x = self._step(r, chunk, x, rope, valid, selected, gate, units.gather_size(route.kept),
-                           route.exact, shared_kv, index, taken)
+                           route.exact, shared_kv, index, taken, fold)
             traces.append(StepTrace(selected, units.broadcast(route.logits), gate))
         return x, traces
 
@@ -304,10 +307,11 @@ class MoRBackbone(nn.Module):
         return h
 
     def _fuses(self, x: Tensor) -> bool:
-        """Whether this forward's routed steps end in fused.merge_rows: inference (the kernel
-        has no backward), a device it runs on, and no dispatch mode watching the ops (a FLOP or
-        launch counter then sees the unfused ops, which do the same work; the kernel would be
-        invisible to it). Under torch.compile on CUDA the kernel is traced into the graph as a
+        """Whether this forward's routed steps end in fused.merge_rows (and, eager, run their
+        bookkeeping through fused_routing.py): inference (the kernel has no backward), a
+        device it runs on, and no dispatch mode watching the ops (a FLOP or launch counter then
+        sees the unfused ops, which do the same work; the kernel would be invisible to it).
+        Under torch.compile on CUDA the kernel is traced into the graph as a
         user Triton kernel: inductor fuses the unfused ops too, but its merges also wrote each
         working set into a copy for the scatter back, and per-token routing at the long shapes
         ran 1-2 % slower with them (launch-bound short shapes: from 2 % slower to 4 % faster;
@@ -366,13 +370,14 @@ class MoRBackbone(nn.Module):
         return h, kv
 
     def _step(self, r, chunk, x, rope, valid, selected, gate, K, exact, shared_kv, index=None,
-              taken=None):
+              taken=None, fused=False):
         """Run recursion step r on the selected tokens and merge the gated update into x.
 
         exact: every sample selects exactly K tokens (static), so no slot is padding and attention
         needs no mask (SDPA keeps its flash kernels). index: the router's (B, K) token
         indices, when it has them, and taken, which of them take the step (None: read from
-        `selected`); otherwise they are ranked from the mask here.
+        `selected`); otherwise they are ranked from the mask here. fused: the attention offsets
+        in one Triton launch (PrefixKeys.of).
         """
         B, N, _ = x.shape
         if K >= N:
@@ -389,7 +394,7 @@ class MoRBackbone(nn.Module):
         # Not exact: the first slots of each row are the taken tokens, the rest padding.
         if not exact and taken is None:
             taken = selected.gather(1, index)
-        slot_valid = None if exact else PrefixKeys.of(taken)
+        slot_valid = None if exact else PrefixKeys.of(taken, fused)
         h_in = gather_rows(x, index)
         rope_k = None if rope is None else gather_rows(rope, index)
         h = self._run(r, chunk, h_in, rope_k, shared_kv, slot_valid, valid)
