@@ -303,6 +303,16 @@ def test_prefix_offsets_kernel_matches_the_ops(M):
     assert torch.equal(PrefixKeys.of(mask, fused=True).cu_seqlens, expected)
 
 
+def _spy_routing(monkeypatch) -> list[str]:
+    """Record which of fused_routing's kernels run, in order."""
+    ran = []
+    for name in ("decide", "prefix_offsets"):
+        kernel = getattr(fused_routing, name)
+        monkeypatch.setattr(fused_routing, name,
+                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+    return ran
+
+
 @needs_kernel
 @pytest.mark.parametrize("unit", ["token", "segment"])
 def test_token_choice_bookkeeping_runs_fused_where_the_merges_do(monkeypatch, unit):
@@ -310,11 +320,7 @@ def test_token_choice_bookkeeping_runs_fused_where_the_merges_do(monkeypatch, un
     step's attention offsets in one each (what the launches compute: the two tests above and
     test_fused_forward_equals_unfused); not in training, nor with the fused merges off."""
     on, off = _pair(TokenChoiceRouter, unit)
-    ran = []
-    for name in ("decide", "prefix_offsets"):
-        kernel = getattr(fused_routing, name)
-        monkeypatch.setattr(fused_routing, name,
-                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+    ran = _spy_routing(monkeypatch)
     tokens = _to(random_tokens(2, 24, 32, segments=None if unit == "token" else 4))
     tokens = tokens.replace(contiguous_segments=unit == "segment")
     on(tokens)
@@ -330,11 +336,7 @@ def test_token_choice_bookkeeping_runs_fused_over_padded_clips_too(monkeypatch):
     """Padded clips take the masked loop, whose merges stay unfused; token-choice's decision and
     its steps' attention offsets still run as one launch each, with the same outputs."""
     on, off = _pair(TokenChoiceRouter)
-    ran = []
-    for name in ("decide", "prefix_offsets"):
-        kernel = getattr(fused_routing, name)
-        monkeypatch.setattr(fused_routing, name,
-                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+    ran = _spy_routing(monkeypatch)
     tokens = _to(random_tokens(2, 24, 32, lengths=[24, 17]))
     assert not on.router.compact(on._units(tokens))
     with torch.no_grad():
