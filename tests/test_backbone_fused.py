@@ -1,7 +1,9 @@
-"""The fused end of a routed step (mormm/backbone/fused.py) computes what the unfused ops do.
+"""The fused end of a routed step (mormm/backbone/fused.py) and the routing bookkeeping kernels
+(fused_routing.py) compute what the unfused ops do.
 
 On a GPU the tests run the compiled kernel; without one, Triton's interpreter runs the same
-program (tests/conftest.py). The last test checks the compiled kernel under bf16 autocast.
+program (tests/conftest.py). The CUDA-only tests at the end check the compiled kernel under
+bf16 autocast and inside torch.compile's graphs.
 """
 
 from __future__ import annotations
