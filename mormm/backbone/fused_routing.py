@@ -1,12 +1,14 @@
-"""Token-choice's routing bookkeeping as single Triton launches (eager inference).
+"""Routing bookkeeping as single Triton launches (eager inference): token-choice's up-front
+decision, and the flash-varlen offsets of steps with padding slots.
 
 Eager short clips are bound by the host's launches (fused.py), and token-choice spent its host
 time beyond expert-choice's on small ops: deciding every unit's depth up front took nine
 launches (softmax, biased argmax, the chosen gate, suffix sums of the probabilities, the
-eligibility mask, the carry's concatenation), and each routed step's flash-varlen offsets five
-more (a count, a subtraction, a stack, a cumsum, a pad; one H200 host issued them in 160 us).
-Each function here computes the same numbers in one launch. Same arithmetic in fp32, except
-the order of the suffix sums and the exponential's rounding (last-bit differences).
+eligibility mask, the carry's concatenation), and each step with padding slots (token-choice's
+after the first; any router's over padded clips) built its flash-varlen offsets in five more (a
+count, a subtraction, a stack, a cumsum, a pad; one H200 host issued them in 160 us). Each
+function here computes the same numbers in one launch. Same arithmetic in fp32, except the order
+of the suffix sums and the exponential's rounding (last-bit differences).
 """
 
 from __future__ import annotations
