@@ -66,8 +66,8 @@ def decide(logits: Tensor, bias: Tensor, alpha: float) -> Tensor:
     P(choice)."""
     B, U, R = logits.shape
     carry = torch.empty(B, U, 2 * R + 1, dtype=torch.float32, device=logits.device)
-    _decide[(cdiv(B * U, ROWS),)](logits.float().contiguous(), bias, carry, B * U, R,
-                                         alpha, ROWS=ROWS, BLOCK_R=pow2(R))
+    _decide[(cdiv(B * U, ROWS),)](logits.float().contiguous(), bias, carry, B * U, R, alpha,
+                                  ROWS=ROWS, BLOCK_R=pow2(R))
     return carry
 
 

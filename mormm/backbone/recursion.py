@@ -311,11 +311,11 @@ class MoRBackbone(nn.Module):
         bookkeeping through fused_routing.py): inference (the kernel has no backward), a
         device it runs on, and no dispatch mode watching the ops (a FLOP or launch counter then
         sees the unfused ops, which do the same work; the kernel would be invisible to it).
-        Under torch.compile on CUDA the kernel is traced into the graph as a
-        user Triton kernel: inductor fuses the unfused ops too, but its merges also wrote each
-        working set into a copy for the scatter back, and per-token routing at the long shapes
-        ran 1-2 % slower with them (launch-bound short shapes: from 2 % slower to 4 % faster;
-        per segment: the same; benchmarks/results/nvidia-h200-compiled-merge.md)."""
+        Under torch.compile on CUDA the kernel is traced into the graph as a user Triton kernel:
+        inductor fuses the unfused ops too, but its merges also wrote each working set into a
+        copy for the scatter back, and per-token routing at the long shapes ran 1-2 % slower
+        with them (launch-bound short shapes: from 2 % slower to 4 % faster; per segment: the
+        same; benchmarks/results/nvidia-h200-compiled-merge.md)."""
         if not (self.config.fused_merge and not torch.is_grad_enabled()):
             return False
         if torch.compiler.is_compiling():

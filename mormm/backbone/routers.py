@@ -226,8 +226,9 @@ class Router(nn.Module):
     ) -> Route:
         """hidden (B, N, D) states of the units' tokens; active (B, U) units still in play, or
         None when every unit is; scores (B, N) fp32 hidden @ score_weight(step), or None (only
-        given where score_weight(step) is not None); fused: the backbone runs this step's
-        inference through its Triton kernels (eager; fused.py), and the router may too."""
+        given where score_weight(step) is not None); fused: eager inference where the
+        backbone's Triton kernels run (fused.py): the router may do its bookkeeping in them too
+        (fused_routing.py)."""
         raise NotImplementedError
 
     def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
