@@ -181,6 +181,17 @@ class MoRModule(L.LightningModule):
         count = torch.bincount(idx, minlength=clips).clamp(min=1)
         return total / count[:, None].to(logits.dtype)
 
+    def _train_logs_written(self) -> bool:
+        """Whether Lightning writes this training step's on_step values to the logger: every
+        `trainer.log_every_n_steps` steps, and when training stops. The depth and router
+        statistics are logged on_step alone in training, so on the other steps they would be
+        computed for nothing: about 130 small ops for expert-choice at N_r = 4 (34 without a
+        router) and 11-18 `self.log` calls, which a step bound by the host (short clips on a GPU,
+        benchmarks/README.md) pays in wall time. Lightning 2.6 keeps the test on its logger
+        connector (private; without one, every step logs)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return connector is None or connector.should_update_logs
+
     def _log_depth(self, out: BackboneOutput, stage: str, batch_size: int) -> None:
         stats = depth_stats(out, self.backbone.config.num_layers, self.backbone.plan)
         if self.backbone.router is not None:
@@ -201,7 +212,8 @@ class MoRModule(L.LightningModule):
         self.log("train/task_loss", task, batch_size=B)
         for k, v in out.backbone.losses.items():
             self.log(f"train/{k}", v, batch_size=B)
-        self._log_depth(out.backbone, "train", B)
+        if self._train_logs_written():
+            self._log_depth(out.backbone, "train", B)
         label = batch["label"]
         self.train_metrics.update(out.logits.detach(), label.int() if self.multi_label else label)
         self.log_dict(self.train_metrics, batch_size=B, on_step=False, on_epoch=True)

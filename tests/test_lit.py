@@ -3,6 +3,7 @@
 loss-free balancing bias."""
 
 import copy
+import csv
 import sys
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["mormm"])
         mp.chdir(ROOT)
-        cli = build_cli(fit_args(out, "--trainer.max_epochs", "1"))
+        # Every step logged: the training statistics are computed on logged steps only.
+        cli = build_cli(fit_args(out, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"))
     ckpt = out / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and cli.trainer.global_step == 3
     return cli, ckpt
@@ -98,6 +100,32 @@ def test_logged_metrics_include_training_accuracy_and_router_separation(trained)
     for stage in ("train", "val"):
         assert f"{stage}/router/load" not in metrics  # vectors are not logged as scalars
         assert f"{stage}/depth/mean" in metrics and f"{stage}/flops_fraction" in metrics
+
+
+def test_training_statistics_are_computed_only_on_the_steps_lightning_writes(tmp_path: Path,
+                                                                             monkeypatch):
+    """Depth and router statistics are logged on_step in training, which Lightning writes every
+    log_every_n_steps steps: the other steps skip computing them (a step bound by the host pays
+    for each op), and every written training row still carries them."""
+    ensure_demo("audio")
+    monkeypatch.setattr(sys, "argv", ["mormm"])
+    monkeypatch.chdir(ROOT)
+    computed = []
+    log_depth = MoRModule._log_depth
+
+    def spy(self, out, stage, batch_size):
+        if stage == "train":
+            computed.append(self.trainer.fit_loop.epoch_loop.batch_idx)
+        log_depth(self, out, stage, batch_size)
+
+    monkeypatch.setattr(MoRModule, "_log_depth", spy)
+    build_cli(fit_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+                       "--trainer.log_every_n_steps", "2"))
+    assert computed == [1, 3, 5]  # the second batch of every two
+    with open(tmp_path / "version_0" / "metrics.csv") as f:
+        written = [r for r in csv.DictReader(f) if r["train/loss"]]
+    assert len(written) == 3
+    assert all(r["train/depth/mean"] and r["train/flops_fraction"] for r in written)
 
 
 def test_expert_choice_statistics_measure_what_they_say():
