@@ -123,12 +123,15 @@ class _Bench(nn.Module):
         self.backbone = backbone
 
     def forward(self, emb: Tensor, pos: Tensor, seg: Tensor, num_segments: int, seg_len: int):
+        out = self.backbone(self.tokens(emb, pos, seg, num_segments, seg_len))
+        return out.hidden, out.aux_loss
+
+    @staticmethod
+    def tokens(emb: Tensor, pos: Tensor, seg: Tensor, num_segments: int, seg_len: int) -> Tokens:
         # Grid rows as segments, laid out one after the other as tokenizers do (video time
         # slices, audio windows).
-        tokens = Tokens(emb, pos, seg, torch.zeros_like(seg), None, num_segments, seg_len,
-                        contiguous_segments=True)
-        out = self.backbone(tokens)
-        return out.hidden, out.aux_loss
+        return Tokens(emb, pos, seg, torch.zeros_like(seg), None, num_segments, seg_len,
+                      contiguous_segments=True)
 
 
 def make_inputs(shape: Shape, dim: int, device: torch.device, seed: int = 0):
