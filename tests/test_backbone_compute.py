@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 from mormm.backbone.layers import Block
+from mormm.bench.timing import KernelCounter
 
 DIM, HEADS, B, N = 32, 4, 2, 24
 
@@ -128,6 +129,28 @@ class SyncRecorder(TorchDispatchMode):
             if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1]):
                 self.hits.append(f"{name}[bool mask]")
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make_router,lengths", [
+    (lambda: None, None),  # plain recursion
+    (ExpertChoiceRouter, None),  # the compact loop
+    (TokenChoiceRouter, [24, 17]),  # padded: the masked loop
+])
+def test_depth_is_counted_when_read_not_in_the_forward(make_router, lengths):
+    """BackboneOutput.depth costs a forward nothing until read (a classifier's inference never
+    reads it); the first read counts it, later reads return the same tensor, and it is the
+    number of steps that selected each token."""
+    model = build(make_router())
+    out = model(make_tokens(lengths=lengths))
+    with KernelCounter() as first:
+        depth = out.depth
+    with KernelCounter() as again:
+        assert out.depth is depth
+    assert first.ops > 0 and again.ops == 0
+    assert torch.equal(depth, torch.stack([s.selected for s in out.steps]).sum(0))
+    assert depth.dtype == torch.long and depth.shape == (B, N)
+    if lengths:
+        assert (depth[~out.valid] == 0).all() and (depth[out.valid] >= 1).all()
 
 
 def _fullgraph(model, tokens):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -76,9 +77,17 @@ class StepTrace:
 @dataclass
 class BackboneOutput:
     hidden: Tensor  # (B, N, D) final hidden states (after the final norm)
-    depth: Tensor  # (B, N) long: recursions each token received (0 for padding)
+    count_depth: Callable[[], Tensor] = field(repr=False)  # builds `depth` (read that instead)
     steps: list[StepTrace]
     aux_loss: Tensor  # scalar: sum of the weighted router losses (0 without a router)
     losses: dict[str, Tensor] = field(default_factory=dict)  # weighted router losses, summed
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached router numbers
     valid: Tensor | None = None  # (B, N) bool, None when nothing is padded
+
+    @cached_property
+    def depth(self) -> Tensor:
+        """(B, N) long: recursions each token received (0 for padding). Counted on first access,
+        as the step traces' maps are: a forward whose depth nobody reads (a classifier's
+        inference, training steps whose statistics are not logged) launches none of the
+        counting ops."""
+        return self.count_depth()

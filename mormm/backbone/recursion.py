@@ -22,6 +22,7 @@ taken slots only (PrefixKeys).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -118,25 +119,24 @@ class MoRBackbone(nn.Module):
 
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
-        depth = None
         units = self._units(tokens) if self.router is not None else None
         if self.router is None:
             x, traces = self._plain(x, rope, valid)
+            count_depth = partial(_count_selected, traces)
         elif self.router.compact(units):
-            x, traces, depth = self._compact(x, rope, units, losses, stats, tokens.embeddings)
+            x, traces, count_depth = self._compact(x, rope, units, losses, stats,
+                                                   tokens.embeddings)
         else:
             x, traces = self._masked(x, rope, valid, units, losses, stats)
+            count_depth = partial(_count_selected, traces)
 
         for i in self.plan.coda:
             x, _ = self.layers[i](x, rope, valid)
 
         aux = sum(losses.values()) if losses else x.new_zeros(())
-        if depth is None:
-            # Recursions per token; selections never include padding, so padding gets depth 0.
-            depth = torch.stack([t.selected for t in traces]).sum(0)  # (B, N) long
         return BackboneOutput(
             hidden=self.norm(x),
-            depth=depth,
+            count_depth=count_depth,
             steps=traces,
             aux_loss=aux,
             losses=losses,
@@ -256,18 +256,22 @@ class MoRBackbone(nn.Module):
             # In place at inference: every parent but the input is this forward's own tensor.
             h = scatter_blocks(parent, index, h, L, inplace=not grad and parent is not given)
 
-        depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=h.device)
-        if chosen:
-            where = torch.cat([w for w, _ in chosen], 1)
-            if all(t is None for _, t in chosen):
-                took = torch.ones_like(where)
-            else:
-                took = torch.cat([torch.ones_like(w, dtype=torch.bool) if t is None else t
-                                  for w, t in chosen], 1).long()
-            # In place on this new tensor: no copy of it launched first. (A scalar 1 instead of
-            # `took` would save one more, but torch.compile rejects more indices than columns.)
-            depth.scatter_add_(1, where, took)
-        return h, traces, depth
+        def count_depth() -> Tensor:
+            depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=h.device)
+            if chosen:
+                where = torch.cat([w for w, _ in chosen], 1)
+                if all(t is None for _, t in chosen):
+                    took = torch.ones_like(where)
+                else:
+                    took = torch.cat([torch.ones_like(w, dtype=torch.bool) if t is None else t
+                                      for w, t in chosen], 1).long()
+                # In place on this new tensor: no copy of it launched first. (A scalar 1 instead
+                # of `took` would save one more, but torch.compile rejects more indices than
+                # columns.)
+                depth.scatter_add_(1, where, took)
+            return depth
+
+        return h, traces, count_depth
 
     def _masked(self, x, rope, valid, units, losses, stats):
         """Routed steps in sequence space: each step's selection is a (B, N) mask (padding,
@@ -471,6 +475,12 @@ def _positions(where: Tensor | None, index: Tensor, L: int, units: Units) -> Ten
     if where is None:
         return index if L == 1 else units.token_index(index)
     return gather_blocks(where, index, L)
+
+
+def _count_selected(traces: list[StepTrace]) -> Tensor:
+    """Recursions per token (B, N) long, from the steps' selections (which never include
+    padding, so padding gets depth 0)."""
+    return torch.stack([t.selected for t in traces]).sum(0)
 
 
 def _accumulate(total: dict[str, Tensor], new: dict[str, Tensor]) -> None:
