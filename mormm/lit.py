@@ -254,8 +254,9 @@ class MoRModule(L.LightningModule):
         logits = self._clip_logits(out.logits, batch)
         probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
         return {"key": batch.get("key"), "meta": batch.get("meta"), "probs": probs,
-                # A copy, outliving the next batch's forward (which rewrites CUDA-graph outputs).
-                "depth": out.backbone.depth.clone(), "content": out.tokens.content(),
+                # Counted on this read into a new tensor: it outlives the next batch's forward,
+                # which rewrites CUDA-graph outputs.
+                "depth": out.backbone.depth, "content": out.tokens.content(),
                 "clip_index": batch.get("clip_index")}
 
     # -- optimisation -------------------------------------------------------------------------
