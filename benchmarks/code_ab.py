@@ -17,7 +17,6 @@ A_DIR and B_DIR each hold the `mormm` and `encoders` packages of one code
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -25,6 +24,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+import short_args  # benchmarks/, beside this script
 
 
 def load(tree: str):
@@ -47,19 +48,12 @@ def load(tree: str):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = short_args.parser(__doc__, "vanilla,recursive,mor_ec,mor_tc")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--shapes", default="audio1s,image")
-    p.add_argument("--variants", default="vanilla,recursive,mor_ec,mor_tc")
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--json")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--small", action="store_true", help="the harness's tiny shapes and width")
     args = p.parse_args()
     shapes, variants = args.shapes.split(","), args.variants.split(",")
-    dev = torch.device(args.device)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    dev, device_name = short_args.device(args)
     codes = {"A": load(args.a), "B": load(args.b)}
     timing = codes["B"][1]
     result: dict = {}

@@ -14,7 +14,6 @@ not included: this is the ops alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 from functools import partial
 
@@ -24,6 +23,8 @@ from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, build_model, make_in
 from mormm.bench.models import width as bench_width
 from mormm.bench.timing import autocast, sync, time_alternating
 from mormm.lit import depth_stats
+
+import short_args  # benchmarks/, beside this script
 
 
 def step(model, opt, inputs, device, stats: bool) -> None:
@@ -41,16 +42,8 @@ def step(model, opt, inputs, device, stats: bool) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="audio1s,image")
-    p.add_argument("--variants", default="vanilla,mor_ec,mor_tc")
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--json")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--small", action="store_true", help="the harness's tiny shapes and width")
-    args = p.parse_args()
-    dev = torch.device(args.device)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    args = short_args.parser(__doc__, "vanilla,mor_ec,mor_tc").parse_args()
+    dev, device_name = short_args.device(args)
     dim, heads = bench_width(args.small)
     rows = {}
     for shape_name in args.shapes.split(","):

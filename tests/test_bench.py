@@ -252,3 +252,19 @@ def test_code_ab_times_two_checkouts_side_by_side_in_one_process(tmp_path):
     failed = subprocess.run([sys.executable, str(script), str(empty), str(b), "--device", "cpu",
                              "--small"], capture_output=True, text=True, cwd=tmp_path)
     assert failed.returncode != 0 and f"{empty} holds no mormm package" in failed.stderr
+
+
+def test_train_stats_times_steps_with_and_without_the_statistics(tmp_path):
+    """benchmarks/train_stats.py on the CPU's tiny shapes: each variant's step timed both ways."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_stats.py"
+    result = tmp_path / "stats.json"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--shapes",
+                          "image", "--variants", "vanilla,mor_ec", "--reps", "1", "--json",
+                          str(result)], capture_output=True, text=True, check=True, cwd=tmp_path)
+    rows = json.loads(result.read_text())["rows"]
+    assert set(rows) == {"image/vanilla", "image/mor_ec"}
+    assert all(r["with"] > 0 and r["without"] > 0 for r in rows.values())
+    assert "| image/mor_ec |" in out.stdout
