@@ -19,8 +19,8 @@ from functools import partial
 
 import torch
 
-from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, build_model, make_inputs, shape_table
-from mormm.bench.models import width as bench_width
+from mormm.bench.models import (CAPACITIES, DEPTH, VARIANTS, build_model, make_inputs,
+                                shape_table, width)
 from mormm.bench.timing import autocast, sync, time_alternating
 from mormm.lit import depth_stats
 
@@ -44,7 +44,7 @@ def step(model, opt, inputs, device, stats: bool) -> None:
 def main() -> None:
     args = short_args.parser(__doc__, "vanilla,mor_ec,mor_tc").parse_args()
     dev, device_name = short_args.device(args)
-    dim, heads = bench_width(args.small)
+    dim, heads = width(args.small)
     rows = {}
     for shape_name in args.shapes.split(","):
         shape = shape_table(args.small)[shape_name]
