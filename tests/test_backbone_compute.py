@@ -153,6 +153,40 @@ def test_depth_is_counted_when_read_not_in_the_forward(make_router, lengths):
         assert (depth[~out.valid] == 0).all() and (depth[out.valid] >= 1).all()
 
 
+def _reachable_tensors(root) -> list[torch.Tensor]:
+    """Every tensor reachable from `root` through containers, objects and closures (a
+    function's globals and code left out)."""
+    import gc
+    import types
+
+    seen, todo, found = set(), [root], []
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, torch.nn.Module)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, types.FunctionType):
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or ())
+        else:
+            todo.extend(gc.get_referents(obj))
+    return found
+
+
+@pytest.mark.parametrize("make_router,lengths", [(ExpertChoiceRouter, None),
+                                                 (TokenChoiceRouter, [24, 17])])
+def test_inference_output_holds_no_hidden_states_but_its_own(make_router, lengths):
+    """What the output keeps to build its depth and traces on demand (positions, selections,
+    logits) is small: no (B, N, D) working tensor of the forward outlives it but `hidden`."""
+    model = build(make_router())
+    tokens = make_tokens(lengths=lengths)
+    with torch.no_grad():
+        out = model(tokens)
+    wide = [t for t in _reachable_tensors(out) if t.dim() == 3 and t.shape[-1] == DIM]
+    assert wide and all(t is out.hidden for t in wide)
+
+
 def _fullgraph(model, tokens):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)

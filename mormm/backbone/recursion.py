@@ -256,8 +256,10 @@ class MoRBackbone(nn.Module):
             # In place at inference: every parent but the input is this forward's own tensor.
             h = scatter_blocks(parent, index, h, L, inplace=not grad and parent is not given)
 
+        device = h.device  # not h itself: the closure outlives the forward, h need not
+
         def count_depth() -> Tensor:
-            depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=h.device)
+            depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=device)
             if chosen:
                 where = torch.cat([w for w, _ in chosen], 1)
                 if all(t is None for _, t in chosen):
