@@ -22,6 +22,7 @@ taken slots only (PrefixKeys).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -104,19 +105,8 @@ class MoRBackbone(nn.Module):
         weights = _linears_cast_once(self, tokens.embeddings)
         if weights is not None:  # the call below sees cast weights and takes the normal path
             return torch.func.functional_call(self, weights, (tokens,))
-        x = tokens.embeddings
+        x, rope = self.enter(tokens)
         valid = tokens.valid  # (B, N) or None
-        rope = self.rotary(tokens.positions) if self.rotary is not None else None
-        if rope is not None:
-            # Attention rotates q/k in the compute dtype (autocast's, else the weights'); cast once
-            # here rather than in every layer (same numbers, half the bytes gathered and read per
-            # layer under bf16).
-            autocast = torch.is_autocast_enabled(x.device.type)
-            rope = rope.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
-
-        for i in self.plan.prelude:
-            x, _ = self.layers[i](x, rope, valid)
-
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         units = self._units(tokens) if self.router is not None else None
@@ -129,10 +119,28 @@ class MoRBackbone(nn.Module):
         else:
             x, traces = self._masked(x, rope, valid, units, losses, stats)
             count_depth = partial(_count_selected, traces)
+        return self.leave(x, rope, valid, traces, count_depth, losses, stats)
 
+    def enter(self, tokens: Tokens) -> tuple[Tensor, Tensor | None]:
+        """What the recursion steps start from: the embeddings through the prelude layers, and
+        the rotary table (B, N, 2, Dh) in the compute dtype (None without rotary embeddings)."""
+        x = tokens.embeddings
+        rope = self.rotary(tokens.positions) if self.rotary is not None else None
+        if rope is not None:
+            # Attention rotates q/k in the compute dtype (autocast's, else the weights'); cast once
+            # here rather than in every layer (same numbers, half the bytes gathered and read per
+            # layer under bf16).
+            autocast = torch.is_autocast_enabled(x.device.type)
+            rope = rope.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+        for i in self.plan.prelude:
+            x, _ = self.layers[i](x, rope, tokens.valid)
+        return x, rope
+
+    def leave(self, x, rope, valid, traces, count_depth, losses, stats) -> BackboneOutput:
+        """The output of sequence x (B, N, D) after the recursion steps: coda layers, final
+        norm."""
         for i in self.plan.coda:
             x, _ = self.layers[i](x, rope, valid)
-
         aux = sum(losses.values()) if losses else x.new_zeros(())
         return BackboneOutput(
             hidden=self.norm(x),
@@ -256,24 +264,7 @@ class MoRBackbone(nn.Module):
             # In place at inference: every parent but the input is this forward's own tensor.
             h = scatter_blocks(parent, index, h, L, inplace=not grad and parent is not given)
 
-        device = h.device  # not h itself: the closure outlives the forward, h need not
-
-        def count_depth() -> Tensor:
-            depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=device)
-            if chosen:
-                where = torch.cat([w for w, _ in chosen], 1)
-                if all(t is None for _, t in chosen):
-                    took = torch.ones_like(where)
-                else:
-                    took = torch.cat([torch.ones_like(w, dtype=torch.bool) if t is None else t
-                                      for w, t in chosen], 1).long()
-                # In place on this new tensor: no copy of it launched first. (A scalar 1 instead
-                # of `took` would save one more, but torch.compile rejects more indices than
-                # columns.)
-                depth.scatter_add_(1, where, took)
-            return depth
-
-        return h, traces, count_depth
+        return h, traces, depth_counter(B, N, everyone_steps, chosen, h.device)
 
     def _masked(self, x, rope, valid, units, losses, stats):
         """Routed steps in sequence space: each step's selection is a (B, N) mask (padding,
@@ -477,6 +468,31 @@ def _positions(where: Tensor | None, index: Tensor, L: int, units: Units) -> Ten
     if where is None:
         return index if L == 1 else units.token_index(index)
     return gather_blocks(where, index, L)
+
+
+def depth_counter(B: int, N: int, everyone_steps: int, chosen: list[tuple[Tensor, Tensor | None]],
+                  device: torch.device) -> Callable[[], Tensor]:
+    """The function that counts a compact forward's recursions per token (B, N) long when its
+    depth is first read: `everyone_steps` steps that every token took, and per step below N the
+    positions (B, K) of its slots and which of them took it (None: all). It holds the device,
+    not a tensor of the forward's: it outlives the forward."""
+
+    def count_depth() -> Tensor:
+        depth = torch.full((B, N), everyone_steps, dtype=torch.long, device=device)
+        if chosen:
+            where = torch.cat([w for w, _ in chosen], 1)
+            if all(t is None for _, t in chosen):
+                took = torch.ones_like(where)
+            else:
+                took = torch.cat([torch.ones_like(w, dtype=torch.bool) if t is None else t
+                                  for w, t in chosen], 1).long()
+            # In place on this new tensor: no copy of it launched first. (A scalar 1 instead
+            # of `took` would save one more, but torch.compile rejects more indices than
+            # columns.)
+            depth.scatter_add_(1, where, took)
+        return depth
+
+    return count_depth
 
 
 def _count_selected(traces: list[StepTrace]) -> Tensor:
