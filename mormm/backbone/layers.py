@@ -54,7 +54,46 @@ class PrefixKeys:
         return cls(mask, F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)))
 
 
-KeyValid = Tensor | PrefixKeys | None  # (B, M) bool keys that may be attended to; None: all
+@dataclass(frozen=True)
+class PackedRows:
+    """Several groups of sequences laid end to end in one row (B = 1), each sequence attending
+    only within itself: depth-wise batching packs the step inputs of the batches in flight so
+    (depthwise.py). Group g holds `groups[g] = (b, n)`: b sequences of n rows each.
+
+    On CUDA in half precision this runs as one variable-length flash attention over all the
+    sequences (`cu_seqlens`, their offsets on the device); elsewhere as SDPA per group."""
+
+    groups: tuple[tuple[int, int], ...]
+    cu_seqlens: Tensor  # (S + 1,) int32 offsets of the S sequences in the packed rows
+
+    @classmethod
+    def of(cls, groups: tuple[tuple[int, int], ...], device: torch.device) -> PackedRows:
+        offsets = [0]
+        for b, n in groups:
+            start = offsets[-1]
+            offsets += [start + n * (i + 1) for i in range(b)]
+        return cls(groups, torch.tensor(offsets, dtype=torch.int32).to(device))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v (1, T, H, Dh) -> (1, T, H, Dh), attention within each sequence."""
+        _, T, H, Dh = q.shape
+        if _varlen_ok(q):
+            longest = max(n for _, n in self.groups)
+            rows = lambda t: t.reshape(T, H, Dh)  # noqa: E731
+            out = torch.ops.aten._flash_attention_forward(
+                rows(q), rows(k), rows(v), self.cu_seqlens, self.cu_seqlens, longest, longest,
+                0.0, False, False)[0]
+            return out.view(1, T, H, Dh)
+        sizes = [b * n for b, n in self.groups]
+        outs = []
+        for (b, n), *qkv in zip(self.groups, *(t[0].split(sizes) for t in (q, k, v))):
+            o = F.scaled_dot_product_attention(*(t.view(b, n, H, Dh).transpose(1, 2) for t in qkv))
+            outs.append(o.transpose(1, 2).reshape(b * n, H, Dh))
+        return torch.cat(outs)[None]
+
+
+# (B, M) bool keys that may be attended to, their prefix layout or packed sequences; None: all
+KeyValid = Tensor | PrefixKeys | PackedRows | None
 
 
 def _key_mask(key_valid: KeyValid) -> Tensor | None:
@@ -99,6 +138,9 @@ class Attention(nn.Module):
         qk, v = qkv[:, :, :2], qkv[:, :, 2]
         if rope is not None:
             qk = apply_rotary(qk, rope)  # queries and keys in one pass
+        if isinstance(key_valid, PackedRows):
+            o = key_valid.attend(qk[:, :, 0], qk[:, :, 1], v)  # (1, T, H, Dh)
+            return self.proj(o.reshape(B, K, -1)), (qk[:, :, 1].transpose(1, 2), v.transpose(1, 2))
         if isinstance(key_valid, PrefixKeys) and _varlen_ok(qk):
             o = _prefix_attention(qk[:, :, 0], qk[:, :, 1], v, key_valid)  # (B, K, H, Dh)
             k, v = qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)

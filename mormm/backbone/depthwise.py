@@ -1,0 +1,237 @@
+"""Depth-wise batching: consecutive batches at different recursion steps share every call of the
+shared layers (the MoR paper's continuous depth-wise batching, for a stream of clips).
+
+Dimension legend:
+    B batch, N tokens, K tokens a batch takes into its step, D width,
+    T packed rows (the sum of B * K over the batches in flight)
+
+Within one forward a batch cannot run two steps in one call: each step's input is the previous
+step's output for the same tokens. A stream of batches can. The batcher holds up to N_r batches,
+the newest at step 0, the one before at step 1, and so on; each call routes every batch in flight
+and gathers its step input, packs the rows of all of them into one sequence, runs each shared
+layer once over it (attention stays within each clip and step: layers.PackedRows) and merges
+each batch's update. A batch leaves after its last step, N_r - 1 calls after it came in.
+
+Per batch the shared layers then run once instead of N_r times. Eager short clips are bound by
+the host's launches, and the layers' are most of them: on the H200 the host issued a call in
+0.38x of the time it took to issue an expert-choice forward (benchmarks/README.md). The outputs
+are the forward's (`backbone(tokens)`), up to the rounding of matrix products over more rows.
+The price is memory: the batches in flight and the packed step's activations, about 3x an
+eager forward's inference peak.
+
+Inference only, over unpadded clips, for backbones whose every step runs the same shared layers
+(sharing "cycle" or "middle_cycle"), with recursion-wise keys and values, without a router or
+with expert-choice top-k routing (per token or per segment): the cases where each step's shapes
+are static, so nothing waits for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from encoders.tokens import Tokens
+from mormm.backbone.layers import PackedRows
+from mormm.backbone.outputs import BackboneOutput, StepTrace
+from mormm.backbone.recursion import (MoRBackbone, StepGate, _count_selected, _positions,
+                                      depth_counter)
+from mormm.backbone.routers import ExpertChoiceRouter
+from mormm.backbone.units import Units, gather_blocks, scatter_blocks
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One batch in flight: its sequence, working set and what its output will need."""
+
+    tokens: Tokens
+    x: Tensor  # (B, N, D) the sequence entering the steps (the first level's parent)
+    rope: Tensor | None  # (B, N, 2, Dh)
+    units: Units | None  # the working set's units (None without a router)
+    h: Tensor  # (B, M, D) working set
+    h_rope: Tensor | None
+    where: Tensor | None = None  # (B, M) the working set's positions; None: the sequence
+    step: int = 0  # the next step it takes
+    levels: list = field(default_factory=list)  # (parent, index, L) per gather
+    chosen: list = field(default_factory=list)  # (positions, None) per step below N
+    everyone_steps: int = 0
+    traces: list = field(default_factory=list)
+    pending: tuple | None = None  # the step in progress: its input, gate and units
+
+
+class DepthwiseBatcher:
+    """Runs `backbone` over a stream of batches, N_r of them in flight (see the module doc).
+
+        batcher = DepthwiseBatcher(backbone.eval())
+        with torch.inference_mode():
+            for out in batcher.run(batches):  # BackboneOutput per batch, in their order
+                ...
+
+    `batcher(tokens)` admits one batch and returns the output of the batch that finished in
+    that call (None while the pipeline fills); `flush()` finishes the batches still in flight.
+    Batches may differ in size and length.
+    """
+
+    def __init__(self, backbone: MoRBackbone) -> None:
+        plan, config, router = backbone.plan, backbone.config, backbone.router
+        if len(set(plan.steps)) != 1:
+            raise ValueError(
+                f"DepthwiseBatcher needs every recursion step to run the same shared layers; "
+                f"sharing={config.sharing!r} runs {list(plan.steps)}. Use sharing 'cycle' or "
+                f"'middle_cycle', or run the backbone batch by batch")
+        if config.kv_mode != "recursion":
+            raise ValueError(
+                f"DepthwiseBatcher supports kv_mode='recursion', not {config.kv_mode!r} (shared "
+                f"keys/values tie later steps to the first step's call); run the backbone batch "
+                f"by batch")
+        if router is not None and not isinstance(router, ExpertChoiceRouter):
+            raise ValueError(
+                f"DepthwiseBatcher supports expert-choice routing or none, not "
+                f"{type(router).__name__} (its steps take a data-dependent number of tokens); "
+                f"run the backbone batch by batch")
+        self.backbone = backbone
+        self._flight: list[_Batch] = []  # newest first: _flight[i] is at step i (while full)
+        self._packs: dict = {}  # PackedRows per layout of the batches in flight
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flight)
+
+    def __call__(self, tokens: Tokens | None = None) -> BackboneOutput | None:
+        """Admit `tokens` (None: none) and run one step of every batch in flight; the output
+        of the batch that took its last step, else None."""
+        self._check_mode()
+        if tokens is not None:
+            self._flight.insert(0, self._admit(tokens))
+        if not self._flight:
+            return None
+        inputs = [self._route(b) for b in self._flight]
+        for b, out in zip(self._flight, self._layers(inputs)):
+            self._merge(b, out)
+        if self._flight[-1].step < len(self.backbone.plan.steps):
+            return None
+        return self._finish(self._flight.pop())
+
+    def flush(self) -> list[BackboneOutput]:
+        """Run the batches in flight to their end; their outputs, oldest first."""
+        outs = []
+        while self._flight:
+            out = self()
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def run(self, batches: Iterable[Tokens]) -> Iterator[BackboneOutput]:
+        """The output of each batch, in order."""
+        for tokens in batches:
+            out = self(tokens)
+            if out is not None:
+                yield out
+        yield from self.flush()
+
+    def _check_mode(self) -> None:
+        if self.backbone.training:
+            raise RuntimeError("DepthwiseBatcher runs inference only; call backbone.eval() first")
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "DepthwiseBatcher runs inference only; call it under torch.inference_mode() or "
+                "torch.no_grad()")
+
+    def _admit(self, tokens: Tokens) -> _Batch:
+        bb = self.backbone
+        units = None if bb.router is None else bb._units(tokens)
+        why = None
+        if tokens.padding_mask is not None:
+            why = "its clips are padded (Tokens.padding_mask)"
+        elif units is not None and not bb.router.compact(units):
+            why = f"the router's inference={bb.router.inference!r} is not 'topk'"
+        if why is not None:
+            raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
+                             f"the backbone alone")
+        x, rope = bb.enter(tokens)
+        return _Batch(tokens, x, rope, units, x, rope)
+
+    def _route(self, b: _Batch) -> tuple[Tensor, Tensor | None]:
+        """Route batch b at its step (the forward's compact loop, unfused): its step input."""
+        router = self.backbone.router
+        if router is None:
+            b.pending = (b.h, None, None)
+            return b.h, b.h_rope
+        r, units = b.step, b.units
+        route = router.route(r, b.h, units, None, None)
+        gate = StepGate(route.gates())
+        competed, h_in, rope_in = b.where, b.h, b.h_rope
+        if route.index is not None:
+            index, L = route.index, units.max_len
+            if units.segment_ids is not None:
+                index, L = units.token_index(route.index), 1
+            b.where = _positions(b.where, index, L, units)
+            h_in = gather_blocks(b.h, index, L)
+            rope_in = None if b.h_rope is None else gather_blocks(b.h_rope, index, L)
+            b.levels.append((b.h, index, L))
+            kept = route.index.shape[1]
+            b.units = (Units.tokens(None, kept, units.population) if units.is_tokens
+                       else Units.blocks(kept, units.max_len, units.population))
+            gate = gate._replace(index=route.index)
+            b.h_rope = rope_in
+        if b.where is None:
+            b.everyone_steps += 1
+        else:
+            b.chosen.append((b.where, None))
+        N = b.x.shape[1]
+        b.traces.append(StepTrace.compact(N, competed, b.where, route.logits, gate.values, None,
+                                          units.broadcaster()))
+        b.pending = (h_in, gate, b.units)
+        return h_in, rope_in
+
+    def _layers(self, inputs: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+        """The shared layers once over the step inputs of all batches, packed into one row."""
+        bb = self.backbone
+        chunk = bb.plan.steps[0]
+        if len(inputs) == 1:
+            h, rope = inputs[0]
+            for i in chunk:
+                h, _ = bb.layers[i](h, rope)
+            return [h]
+        groups = tuple((h.shape[0], h.shape[1]) for h, _ in inputs)
+        key = (groups, inputs[0][0].device)
+        keys = self._packs.get(key)
+        if keys is None:
+            if len(self._packs) >= 64:  # a stream of ever new layouts: keep the cache small
+                self._packs.clear()
+            keys = self._packs[key] = PackedRows.of(groups, key[1])
+        x = torch.cat([h.flatten(0, 1) for h, _ in inputs])[None]
+        rope = (None if inputs[0][1] is None
+                else torch.cat([r.flatten(0, 1) for _, r in inputs])[None])
+        for i in chunk:
+            x, _ = bb.layers[i](x, rope, keys)
+        return [o.view(h.shape) for o, (h, _) in zip(x[0].split([b * n for b, n in groups]),
+                                                     inputs)]
+
+    def _merge(self, b: _Batch, out: Tensor) -> None:
+        h_in, gate, units = b.pending
+        b.pending = None
+        b.step += 1
+        if gate is None:  # no router: every token takes the step, h <- f(h)
+            b.h = out
+            return
+        b.h = self.backbone._merge_units(units, h_in, out, gate.materialize(h_in.dtype))
+
+    def _finish(self, b: _Batch) -> BackboneOutput:
+        bb = self.backbone
+        h = b.h
+        for parent, index, L in reversed(b.levels):
+            # In place: every parent but the input embeddings is this batch's own tensor.
+            h = scatter_blocks(parent, index, h, L, inplace=parent is not b.tokens.embeddings)
+        B, N, _ = b.x.shape
+        if bb.router is None:  # as the forward's plain loop reports its steps
+            everyone = torch.ones(B, N, dtype=torch.bool, device=h.device)
+            traces = [StepTrace(everyone, None, None) for _ in bb.plan.steps]
+            count = partial(_count_selected, traces)
+        else:
+            traces = b.traces
+            count = depth_counter(B, N, b.everyone_steps, b.chosen, h.device)
+        return bb.leave(h, b.rope, None, traces, count, {}, {})

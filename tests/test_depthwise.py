@@ -1,0 +1,165 @@
+"""Depth-wise batching: a stream of batches through DepthwiseBatcher gives each batch the output of
+its own forward, while every shared layer runs once per call over all the batches in flight."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import random_tokens, randomize_router
+from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone.depthwise import DepthwiseBatcher
+from mormm.backbone.layers import PackedRows
+from mormm.backbone.units import capacity_count
+
+CAPS = [1.0, 0.75, 0.5, 0.25]
+
+
+def _backbone(router=None, sharing="cycle", kv_mode="recursion", gate_update="delta",
+              **router_kw):
+    layers = 10 if sharing.startswith("middle") else 8
+    cfg = BackboneConfig(dim=32, num_heads=2, num_layers=layers, num_recursions=4,
+                         sharing=sharing, kv_mode=kv_mode, gate_update=gate_update)
+    torch.manual_seed(0)
+    if router == "ec":
+        router = ExpertChoiceRouter(CAPS, **router_kw)
+    elif router == "tc":
+        router = TokenChoiceRouter(CAPS, **router_kw)
+    backbone = MoRBackbone(cfg, router)
+    randomize_router(backbone)
+    return backbone.eval()
+
+
+def _stream(segments=None, contiguous=False):
+    """Five batches of different sizes and lengths (whole segments of 4 tokens when segmented)."""
+    sizes = [(2, 12), (3, 16), (1, 24), (2, 12), (4, 8)]
+    out = []
+    for seed, (B, N) in enumerate(sizes):
+        t = random_tokens(B, N, 32, segments=segments, seed=seed)
+        out.append(dataclasses.replace(t, contiguous_segments=contiguous))
+    return out
+
+
+CASES = {
+    "plain recursion": dict(),
+    "plain middle_cycle": dict(sharing="middle_cycle"),
+    "expert-choice per token": dict(router="ec"),
+    "expert-choice middle_cycle": dict(router="ec", sharing="middle_cycle"),
+    "expert-choice output update, tanh gate": dict(router="ec", gate_update="output",
+                                                   activation="tanh"),
+    "expert-choice per segment (blocks)": dict(router="ec", unit="segment"),
+    "expert-choice per segment (ids)": dict(router="ec", unit="segment"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_stream_gets_each_batch_its_own_forward(case):
+    backbone = _backbone(**CASES[case])
+    segmented = "segment" in case
+    batches = _stream(segments=4 if segmented else None, contiguous="blocks" in case)
+    with torch.inference_mode():
+        expected = [backbone(t) for t in batches]
+        got = list(DepthwiseBatcher(backbone).run(batches))
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got):
+        assert g.hidden.shape == e.hidden.shape
+        torch.testing.assert_close(g.hidden, e.hidden, atol=1e-5, rtol=1e-5)
+        assert torch.equal(g.depth, e.depth)
+        assert len(g.steps) == len(e.steps) == 4
+        for ge, gg in zip(e.steps, g.steps):
+            assert torch.equal(gg.selected, ge.selected)
+            if ge.logits is not None:
+                torch.testing.assert_close(gg.logits, ge.logits, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(gg.gate, ge.gate, atol=1e-6, rtol=1e-5)
+    if CASES[case].get("router"):  # routing skipped compute: depths 1..4 all occur
+        assert set(torch.cat([g.depth.flatten() for g in got]).tolist()) == {1, 2, 3, 4}
+
+
+def test_each_call_runs_every_shared_layer_once_over_the_batches_in_flight():
+    backbone = _backbone(router="ec")
+    calls = []
+    for layer in backbone.layers:
+        layer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    batches = _stream()
+    batcher = DepthwiseBatcher(backbone)
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(batches):
+            calls.clear()
+            outs.append(batcher(t))
+            assert batcher.in_flight == min(i + 1, 3)  # the oldest leaves after its 4th step
+            # One call per shared layer, over the packed rows of every batch in flight: the batch
+            # admitted j calls ago brings its B * capacity_count(CAPS[j], N) rows to step j.
+            flight = list(reversed(batches[max(0, i - 3): i + 1]))
+            rows = sum(b.embeddings.shape[0] * capacity_count(CAPS[j], b.embeddings.shape[1])
+                       for j, b in enumerate(flight))
+            shape = (1, rows, 32) if len(flight) > 1 else tuple(batches[0].embeddings.shape)
+            assert calls == [shape, shape], i
+        assert [o is None for o in outs] == [True, True, True, False, False]
+        rest = batcher.flush()
+        assert len(rest) == 3 and batcher.in_flight == 0
+        assert batcher() is None  # nothing in flight, nothing admitted
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: _backbone(sharing="none"), "same shared layers"),
+    (lambda: _backbone(sharing="sequence"), "same shared layers"),
+    (lambda: _backbone(router="ec", kv_mode="shared"), "kv_mode='recursion'"),
+    (lambda: _backbone(router="tc"), "TokenChoiceRouter"),
+])
+def test_backbones_it_cannot_batch_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        DepthwiseBatcher(make())
+
+
+def test_batches_and_modes_it_cannot_run_are_named():
+    backbone = _backbone(router="ec")
+    batcher = DepthwiseBatcher(backbone)
+    with torch.no_grad(), pytest.raises(ValueError, match="padded"):
+        batcher(random_tokens(2, 12, 32, lengths=[12, 9]))
+    threshold = DepthwiseBatcher(_backbone(router="ec", inference="threshold"))
+    with torch.no_grad(), pytest.raises(ValueError, match="inference='threshold'"):
+        threshold(random_tokens(2, 12, 32))
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        batcher(random_tokens(2, 12, 32))  # gradients on
+    backbone.train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="eval"):
+        batcher(random_tokens(2, 12, 32))
+    assert batcher.in_flight == 0  # nothing was admitted by the failed calls
+
+
+def test_packed_rows_give_every_sequence_its_offsets():
+    """The offsets flash varlen reads on CUDA: b sequences of n rows per group, end to end."""
+    keys = PackedRows.of(((2, 3), (1, 5), (3, 1)), torch.device("cpu"))
+    assert keys.cu_seqlens.tolist() == [0, 3, 6, 11, 12, 13, 14]
+    assert keys.cu_seqlens.dtype == torch.int32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen runs on CUDA only")
+def test_packed_steps_run_as_one_flash_varlen_call_on_cuda_under_bf16(monkeypatch):
+    """Under bf16 autocast on CUDA the packed rows attend through flash attention's
+    variable-length kernel, one call per layer over every clip in flight; a stream still gets
+    each batch's forward."""
+    backbone = _backbone(router="ec").cuda()
+    batches = [dataclasses.replace(t, embeddings=t.embeddings.cuda(), positions=t.positions.cuda(),
+                                   segment_ids=t.segment_ids.cuda(),
+                                   modality_ids=t.modality_ids.cuda()) for t in _stream()]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = [backbone(t) for t in batches]
+        sequences = []
+        real = torch.ops.aten._flash_attention_forward
+
+        def spy(*args, **kwargs):
+            sequences.append(args[3].numel() - 1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", spy)
+        got = list(DepthwiseBatcher(backbone).run(batches))
+    # Calls 3 and 4 hold four batches each (clips 2 + 3 + 1 + 2, then 3 + 1 + 2 + 4): two layers,
+    # one varlen call each.
+    assert sequences.count(8) == 2 and sequences.count(10) == 2
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.hidden.float(), e.hidden.float(), atol=3e-2, rtol=3e-2)
+        assert (g.depth != e.depth).float().mean() < 0.05  # bf16 rounding may flip close calls
