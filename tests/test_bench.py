@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from mormm.bench.report import SCHEMA, code_version, markdown, merge
 from mormm.cli import main
@@ -78,6 +79,37 @@ def test_compiled_modes_time_inference_as_mormm_module_compiles_it(monkeypatch):
         assert compiled == ([] if options is None else [{"options": options}])
         # every inference call enters it: prepare's two (compile, peak memory) and this one
         assert configs == ([] if config is None else [config] * 3)
+
+
+def test_depthwise_rows_time_a_stream_through_the_batcher_against_vanilla_eager(tmp_path):
+    """--modes depthwise: the variants DepthwiseBatcher runs, each call one call of a full
+    pipeline (N_r batches in flight), and vanilla's eager forward as the baseline; the variants
+    it cannot run have no row there."""
+    from mormm.bench import harness
+    from mormm.bench.models import VARIANTS, make_inputs, shape_table
+
+    assert 0 == main(["bench", "--small", "--device", "cpu", "--shapes", "audio1s", "--variants",
+                      "vanilla,recursive,mor_ec,mor_ec_kvshare,mor_tc", "--modes", "depthwise",
+                      "--reps", "1", "--inner", "1", "--warmup", "0", "--out", str(tmp_path),
+                      "--name", "cpu"])
+    result = json.loads((tmp_path / "cpu.json").read_text())
+    assert not result["errors"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"vanilla", "recursive", "mor_ec"}
+    assert all(r["mode"] == "depthwise" and r["infer_s"] > 0 and r["host_s"] > 0
+               and "train_s" not in r for r in rows.values())
+    assert rows["vanilla"]["speedup"] == 1.0 and rows["mor_ec"]["flop_bound"] > 1.2
+
+    args = harness.parse_args(["--small", "--device", "cpu", "--no-train"])
+    shape = shape_table(small=True)["audio1s"]
+    inputs = make_inputs(shape, args.dim, torch.device("cpu"))
+    case = harness.prepare(shape, VARIANTS["mor_ec"], "depthwise", args, torch.device("cpu"),
+                           inputs)
+    out = case.infer()  # prepare filled the pipeline: every call now returns a finished batch
+    assert out.hidden.shape == (shape.batch, shape.tokens, args.dim)
+    with torch.no_grad():
+        assert torch.allclose(out.hidden, case.model.backbone(case.model.tokens(*inputs)).hidden,
+                              atol=1e-5)
 
 
 def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):

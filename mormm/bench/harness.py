@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from mormm.backbone import compile_options, inference_config
+from mormm.backbone.depthwise import DepthwiseBatcher
 from mormm.bench.models import (
     CAPACITIES,
     DEPTH,
@@ -61,7 +62,7 @@ from mormm.bench.timing import (
 )
 
 
-MODES = ("eager", "graphed", "compiled", "cudagraphs")
+MODES = ("eager", "graphed", "compiled", "cudagraphs", "depthwise")
 
 
 def check_names(parser: argparse.ArgumentParser, flag: str, value: str, known) -> None:
@@ -93,11 +94,23 @@ COMPILE_MODES = {"compiled": None, "cudagraphs": "reduce-overhead"}
 
 
 def _compiled(model: nn.Module, mode: str):
-    if mode in ("eager", "graphed"):
+    if mode in ("eager", "graphed", "depthwise"):
         return model
     if mode in COMPILE_MODES:  # with the options MoRModule(compile=...) compiles the backbone with
         return torch.compile(model, options=compile_options(COMPILE_MODES[mode]))
     raise ValueError(f"mode={mode!r} is unknown; choose from {', '.join(MODES)}")
+
+
+def _depthwise(model: nn.Module):
+    """The bench model's backbone as a DepthwiseBatcher called like the model: each call admits
+    the batch and returns the output of the one admitted N_r - 1 calls before (None while the
+    pipeline fills), so calls in a row time the throughput of a stream of batches."""
+    batcher = DepthwiseBatcher(model.backbone)
+
+    def call(*inputs):
+        return batcher(model.tokens(*inputs))
+
+    return call
 
 
 @dataclass
@@ -131,31 +144,41 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
     }
     row["flops"], row["kernels"] = count_flops(model, inputs, device)
     fn_model = _compiled(model, mode)
+    # Vanilla has no shared layers to batch: its depthwise row is its eager forward.
+    batched = mode == "depthwise" and variant.sharing != "none"
+    if batched:
+        fn_model = _depthwise(model)
     t0 = time.perf_counter()
 
     model.eval()
 
-    def forward(batch: tuple):
+    def forward(batch: tuple, fn):
         # Inference graphs compile as MoRModule's do (inference_config: the C++ wrapper on CUDA).
         config = (inference_config(COMPILE_MODES[mode], device) if mode in COMPILE_MODES
                   else nullcontext())
         with torch.no_grad(), autocast(device, cache=mode != "graphed"), config:
-            return fn_model(*batch)
+            return fn(*batch)
 
-    infer = partial(forward, inputs)
+    infer = partial(forward, inputs, fn_model)
     host = None
-    if mode == "eager":  # the same forward on one clip: its host cost, without device back-pressure
-        host = partial(forward, tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs))
+    if mode in ("eager", "depthwise"):  # one clip: the host's cost, without device back-pressure
+        one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+        # batched: a batcher of its own, whose batches in flight are one clip each
+        host = partial(forward, one, _depthwise(model) if batched else fn_model)
 
     if mode == "graphed":  # eager kernels, launched as one CUDA graph (inference only)
         infer = cuda_graph(infer, device)
-    infer()
+    for _ in range(args.recursions if batched else 1):
+        infer()  # batched: until the pipeline is full, as in a stream's steady state
+        if batched:
+            host()
     sync(device)
-    row["compile_s"] = time.perf_counter() - t0 if mode != "eager" else 0.0
+    row["compile_s"] = time.perf_counter() - t0 if mode not in ("eager", "depthwise") else 0.0
     row["infer_peak_gib"] = peak(infer, device, base)
 
     step = None
-    if args.train and (mode == "eager" or (mode != "graphed" and args.compiled_train)):
+    if args.train and (mode == "eager" or (mode not in ("graphed", "depthwise")
+                                           and args.compiled_train)):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
@@ -198,7 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager,graphed (CUDA graph of the eager forward),compiled,cudagraphs "
-                        "(torch.compile mode reduce-overhead)")
+                        "(torch.compile mode reduce-overhead),depthwise (a stream of batches, N_r in flight, "
+                        "through DepthwiseBatcher; inference)")
     p.add_argument("--compiled-variants", default=None,
                    help="restrict non-eager modes to these variants (compile time is the cost)")
     p.add_argument("--small", action="store_true", help="tiny shapes and width (CPU smoke test)")
@@ -263,6 +287,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def depthwise_ok(v: Variant) -> bool:
+    """Whether the variant has a depthwise row: what DepthwiseBatcher runs (shared layers,
+    expert-choice or no router, recursion-wise keys and values), and vanilla, whose row there is
+    its eager forward (no shared layers to batch), the baseline the ratios need."""
+    return v.sharing == "none" or (v.router in (None, "ec") and v.kv_mode == "recursion")
+
+
 def _plan(args) -> list[tuple[Shape, Variant, str]]:
     table = shape_table(args.small, args.batch)
     shapes = [table[s] for s in args.shapes.split(",") if s]
@@ -274,6 +305,8 @@ def _plan(args) -> list[tuple[Shape, Variant, str]]:
         for s in shapes:
             for v in variants:
                 if m != "eager" and restrict is not None and v.name not in restrict:
+                    continue
+                if m == "depthwise" and not depthwise_ok(v):
                     continue
                 plan.append((s, v, m))
     return plan

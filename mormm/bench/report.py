@@ -74,6 +74,14 @@ def markdown(result: dict) -> str:
         "training step time and peak memory over vanilla's.",
         "",
     ]
+    if any(r["mode"] == "depthwise" for r in result["rows"]):
+        lines += [
+            "depthwise = a stream of batches through DepthwiseBatcher, N_r of them in flight "
+            "(each batch's output comes N_r - 1 calls after it went in): infer ms per call in "
+            "the steady state, host ms per call with one clip per batch; vanilla, with no shared "
+            "layers to batch, runs its eager forward there.",
+            "",
+        ]
     for shape in result["shapes"]:
         rows = [r for r in result["rows"] if r["shape"] == shape["name"]]
         if not rows:
