@@ -84,7 +84,7 @@ def test_compiled_modes_time_inference_as_mormm_module_compiles_it(monkeypatch):
 def test_depthwise_rows_time_a_stream_through_the_batcher_against_vanilla_eager(tmp_path):
     """--modes depthwise: the variants DepthwiseBatcher runs, each call one call of a full
     pipeline (N_r batches in flight), and vanilla's eager forward as the baseline; the variants
-    it cannot run have no row there."""
+    it cannot run (shared keys and values) have no row there."""
     from mormm.bench import harness
     from mormm.bench.models import VARIANTS, make_inputs, shape_table
 
@@ -95,7 +95,7 @@ def test_depthwise_rows_time_a_stream_through_the_batcher_against_vanilla_eager(
     result = json.loads((tmp_path / "cpu.json").read_text())
     assert not result["errors"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"vanilla", "recursive", "mor_ec"}
+    assert set(rows) == {"vanilla", "recursive", "mor_ec", "mor_tc"}
     assert all(r["mode"] == "depthwise" and r["infer_s"] > 0 and r["host_s"] > 0
                and "train_s" not in r for r in rows.values())
     assert rows["vanilla"]["speedup"] == 1.0 and rows["mor_ec"]["flop_bound"] > 1.2

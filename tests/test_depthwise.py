@@ -11,7 +11,7 @@ import torch
 from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 from mormm.backbone.depthwise import DepthwiseBatcher
-from mormm.backbone.layers import PackedRows
+from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.units import capacity_count
 
 CAPS = [1.0, 0.75, 0.5, 0.25]
@@ -51,6 +51,8 @@ CASES = {
                                                    activation="tanh"),
     "expert-choice per segment (blocks)": dict(router="ec", unit="segment"),
     "expert-choice per segment (ids)": dict(router="ec", unit="segment"),
+    "token-choice per token": dict(router="tc"),
+    "token-choice per segment (blocks)": dict(router="tc", unit="segment"),
 }
 
 
@@ -75,6 +77,9 @@ def test_a_stream_gets_each_batch_its_own_forward(case):
                 torch.testing.assert_close(gg.gate, ge.gate, atol=1e-6, rtol=1e-5)
     if CASES[case].get("router"):  # routing skipped compute: depths 1..4 all occur
         assert set(torch.cat([g.depth.flatten() for g in got]).tolist()) == {1, 2, 3, 4}
+    if CASES[case].get("router") == "tc":  # and some steps kept fewer than their bound
+        assert any(not s.selected.all() and s.selected.sum() < e.depth.numel() * c
+                   for e in expected for s, c in zip(e.steps[1:], CAPS[1:]))
 
 
 def test_each_call_runs_every_shared_layer_once_over_the_batches_in_flight():
@@ -107,7 +112,6 @@ def test_each_call_runs_every_shared_layer_once_over_the_batches_in_flight():
     (lambda: _backbone(sharing="none"), "same shared layers"),
     (lambda: _backbone(sharing="sequence"), "same shared layers"),
     (lambda: _backbone(router="ec", kv_mode="shared"), "kv_mode='recursion'"),
-    (lambda: _backbone(router="tc"), "TokenChoiceRouter"),
 ])
 def test_backbones_it_cannot_batch_are_named(make, match):
     with pytest.raises(ValueError, match=match):
@@ -135,14 +139,20 @@ def test_packed_rows_give_every_sequence_its_offsets():
     keys = PackedRows.of(((2, 3), (1, 5), (3, 1)), torch.device("cpu"))
     assert keys.cu_seqlens.tolist() == [0, 3, 6, 11, 12, 13, 14]
     assert keys.cu_seqlens.dtype == torch.int32
+    # A token-choice step's group splits each row into its taken slots and its padding slots.
+    prefix = PrefixKeys.of(torch.tensor([[True, True, False], [True, False, False]]))
+    keys = PackedRows.of(((1, 2), (2, 3)), torch.device("cpu"), (None, prefix))
+    assert keys.cu_seqlens.tolist() == [0, 2, 4, 5, 6, 8]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen runs on CUDA only")
-def test_packed_steps_run_as_one_flash_varlen_call_on_cuda_under_bf16(monkeypatch):
+@pytest.mark.parametrize("router", ["ec", "tc"])
+def test_packed_steps_run_as_one_flash_varlen_call_on_cuda_under_bf16(monkeypatch, router):
     """Under bf16 autocast on CUDA the packed rows attend through flash attention's
-    variable-length kernel, one call per layer over every clip in flight; a stream still gets
-    each batch's forward."""
-    backbone = _backbone(router="ec").cuda()
+    variable-length kernel, one call per layer over every clip in flight (token-choice: two
+    sequences per clip from its second step on, its taken slots and its padding); a stream still
+    gets each batch's forward."""
+    backbone = _backbone(router=router).cuda()
     batches = [dataclasses.replace(t, embeddings=t.embeddings.cuda(), positions=t.positions.cuda(),
                                    segment_ids=t.segment_ids.cuda(),
                                    modality_ids=t.modality_ids.cuda()) for t in _stream()]
@@ -158,8 +168,12 @@ def test_packed_steps_run_as_one_flash_varlen_call_on_cuda_under_bf16(monkeypatc
         monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", spy)
         got = list(DepthwiseBatcher(backbone).run(batches))
     # Calls 3 and 4 hold four batches each (clips 2 + 3 + 1 + 2, then 3 + 1 + 2 + 4): two layers,
-    # one varlen call each.
-    assert sequences.count(8) == 2 and sequences.count(10) == 2
+    # one varlen call each; token-choice's batches past step 0 bring two sequences per clip.
+    if router == "ec":
+        assert sequences.count(8) == 2 and sequences.count(10) == 2
+    else:
+        assert sequences.count(2 + 2 * (1 + 3 + 2)) == 2
+        assert sequences.count(4 + 2 * (2 + 1 + 3)) == 2
     for e, g in zip(expected, got):
         torch.testing.assert_close(g.hidden.float(), e.hidden.float(), atol=3e-2, rtol=3e-2)
         assert (g.depth != e.depth).float().mean() < 0.05  # bf16 rounding may flip close calls

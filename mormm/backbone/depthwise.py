@@ -20,9 +20,11 @@ The price is memory: the batches in flight and the packed step's activations, ab
 eager forward's inference peak.
 
 Inference only, over unpadded clips, for backbones whose every step runs the same shared layers
-(sharing "cycle" or "middle_cycle"), with recursion-wise keys and values, without a router or
-with expert-choice top-k routing (per token or per segment): the cases where each step's shapes
-are static, so nothing waits for the device.
+(sharing "cycle" or "middle_cycle"), with recursion-wise keys and values, without a router, with
+expert-choice top-k routing or with token-choice routing (per token or per segment): the
+forward's compact loop, whose steps have static shapes, so nothing waits for the device.
+Token-choice steps that keep fewer units than their bound keep their padding slots out of
+attention as the forward does (PrefixKeys), within the packed call.
 """
 
 from __future__ import annotations
@@ -35,11 +37,10 @@ import torch
 from torch import Tensor
 
 from encoders.tokens import Tokens
-from mormm.backbone.layers import PackedRows
+from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.recursion import (MoRBackbone, StepGate, _count_selected, _positions,
                                       depth_counter)
-from mormm.backbone.routers import ExpertChoiceRouter
 from mormm.backbone.units import Units, gather_blocks, scatter_blocks
 
 
@@ -56,10 +57,13 @@ class _Batch:
     where: Tensor | None = None  # (B, M) the working set's positions; None: the sequence
     step: int = 0  # the next step it takes
     levels: list = field(default_factory=list)  # (parent, index, L) per gather
-    chosen: list = field(default_factory=list)  # (positions, None) per step below N
+    chosen: list = field(default_factory=list)  # (positions, taken) per step below N
     everyone_steps: int = 0
     traces: list = field(default_factory=list)
-    pending: tuple | None = None  # the step in progress: its input, gate and units
+    live: Tensor | None = None  # (B, M) units that took the last step (token-choice); None: all
+    carry: object = None  # what the router decided up front (token-choice)
+    fold: bool = False  # the router's bookkeeping in Triton launches (eager CUDA, fused.py)
+    pending: tuple | None = None  # the step in progress: input, gate, units, taken slots
 
 
 class DepthwiseBatcher:
@@ -76,7 +80,7 @@ class DepthwiseBatcher:
     """
 
     def __init__(self, backbone: MoRBackbone) -> None:
-        plan, config, router = backbone.plan, backbone.config, backbone.router
+        plan, config = backbone.plan, backbone.config
         if len(set(plan.steps)) != 1:
             raise ValueError(
                 f"DepthwiseBatcher needs every recursion step to run the same shared layers; "
@@ -87,11 +91,6 @@ class DepthwiseBatcher:
                 f"DepthwiseBatcher supports kv_mode='recursion', not {config.kv_mode!r} (shared "
                 f"keys/values tie later steps to the first step's call); run the backbone batch "
                 f"by batch")
-        if router is not None and not isinstance(router, ExpertChoiceRouter):
-            raise ValueError(
-                f"DepthwiseBatcher supports expert-choice routing or none, not "
-                f"{type(router).__name__} (its steps take a data-dependent number of tokens); "
-                f"run the backbone batch by batch")
         self.backbone = backbone
         self._flight: list[_Batch] = []  # newest first: _flight[i] is at step i (while full)
         self._packs: dict = {}  # PackedRows per layout of the batches in flight
@@ -152,22 +151,28 @@ class DepthwiseBatcher:
             raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
                              f"the backbone alone")
         x, rope = bb.enter(tokens)
-        return _Batch(tokens, x, rope, units, x, rope)
+        return _Batch(tokens, x, rope, units, x, rope, fold=bb._fuses(x))
 
-    def _route(self, b: _Batch) -> tuple[Tensor, Tensor | None]:
-        """Route batch b at its step (the forward's compact loop, unfused): its step input."""
+    def _route(self, b: _Batch) -> tuple[Tensor, Tensor | None, PrefixKeys | None]:
+        """Route batch b at its step (the forward's compact loop, unfused merges): its step
+        input, rotary table and key padding (token-choice steps that keep fewer than their
+        bound)."""
         router = self.backbone.router
         if router is None:
-            b.pending = (b.h, None, None)
-            return b.h, b.h_rope
+            b.pending = (b.h, None, None, None)
+            return b.h, b.h_rope, None
         r, units = b.step, b.units
-        route = router.route(r, b.h, units, None, None)
+        route = router.route(r, b.h, units, b.live, b.carry, fused=b.fold)
         gate = StepGate(route.gates())
-        competed, h_in, rope_in = b.where, b.h, b.h_rope
-        if route.index is not None:
+        competed, h_in, rope_in, taken, keys = b.where, b.h, b.h_rope, None, None
+        if route.index is None:  # every unit of the working set takes the step
+            b.carry = route.carry
+        else:
             index, L = route.index, units.max_len
             if units.segment_ids is not None:
                 index, L = units.token_index(route.index), 1
+            b.carry = router.gather_carry(route.carry, route.index)
+            b.live = route.taken
             b.where = _positions(b.where, index, L, units)
             h_in = gather_blocks(b.h, index, L)
             rope_in = None if b.h_rope is None else gather_blocks(b.h_rope, index, L)
@@ -177,48 +182,57 @@ class DepthwiseBatcher:
                        else Units.blocks(kept, units.max_len, units.population))
             gate = gate._replace(index=route.index)
             b.h_rope = rope_in
+            if b.live is not None:  # the taken slots first, the rest write back what they read
+                taken = b.units.broadcast(b.live)
+                keys = PrefixKeys.of(taken, b.fold)
         if b.where is None:
             b.everyone_steps += 1
         else:
-            b.chosen.append((b.where, None))
+            b.chosen.append((b.where, taken))
         N = b.x.shape[1]
-        b.traces.append(StepTrace.compact(N, competed, b.where, route.logits, gate.values, None,
+        b.traces.append(StepTrace.compact(N, competed, b.where, route.logits, gate.values, taken,
                                           units.broadcaster()))
-        b.pending = (h_in, gate, b.units)
-        return h_in, rope_in
+        b.pending = (h_in, gate, b.units, taken)
+        return h_in, rope_in, keys
 
-    def _layers(self, inputs: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+    def _layers(self, inputs: list[tuple[Tensor, Tensor | None, PrefixKeys | None]]
+                ) -> list[Tensor]:
         """The shared layers once over the step inputs of all batches, packed into one row."""
         bb = self.backbone
         chunk = bb.plan.steps[0]
         if len(inputs) == 1:
-            h, rope = inputs[0]
+            h, rope, keys = inputs[0]
             for i in chunk:
-                h, _ = bb.layers[i](h, rope)
+                h, _ = bb.layers[i](h, rope, keys)
             return [h]
-        groups = tuple((h.shape[0], h.shape[1]) for h, _ in inputs)
-        key = (groups, inputs[0][0].device)
-        keys = self._packs.get(key)
-        if keys is None:
-            if len(self._packs) >= 64:  # a stream of ever new layouts: keep the cache small
-                self._packs.clear()
-            keys = self._packs[key] = PackedRows.of(groups, key[1])
-        x = torch.cat([h.flatten(0, 1) for h, _ in inputs])[None]
+        groups = tuple((h.shape[0], h.shape[1]) for h, _, _ in inputs)
+        prefixes = tuple(keys for _, _, keys in inputs)
+        device = inputs[0][0].device
+        if any(p is not None for p in prefixes):  # offsets that depend on the routing
+            packed = PackedRows.of(groups, device, prefixes)
+        else:  # static: one per layout, made once
+            packed = self._packs.get((groups, device))
+            if packed is None:
+                if len(self._packs) >= 64:  # a stream of ever new layouts: keep the cache small
+                    self._packs.clear()
+                packed = self._packs[groups, device] = PackedRows.of(groups, device)
+        x = torch.cat([h.flatten(0, 1) for h, _, _ in inputs])[None]
         rope = (None if inputs[0][1] is None
-                else torch.cat([r.flatten(0, 1) for _, r in inputs])[None])
+                else torch.cat([r.flatten(0, 1) for _, r, _ in inputs])[None])
         for i in chunk:
-            x, _ = bb.layers[i](x, rope, keys)
-        return [o.view(h.shape) for o, (h, _) in zip(x[0].split([b * n for b, n in groups]),
-                                                     inputs)]
+            x, _ = bb.layers[i](x, rope, packed)
+        return [o.view(h.shape) for o, (h, _, _) in zip(x[0].split([b * n for b, n in groups]),
+                                                        inputs)]
 
     def _merge(self, b: _Batch, out: Tensor) -> None:
-        h_in, gate, units = b.pending
+        h_in, gate, units, taken = b.pending
         b.pending = None
         b.step += 1
         if gate is None:  # no router: every token takes the step, h <- f(h)
             b.h = out
             return
-        b.h = self.backbone._merge_units(units, h_in, out, gate.materialize(h_in.dtype))
+        new = self.backbone._merge_units(units, h_in, out, gate.materialize(h_in.dtype))
+        b.h = new if taken is None else torch.where(taken[..., None], new, h_in)
 
     def _finish(self, b: _Batch) -> BackboneOutput:
         bb = self.backbone

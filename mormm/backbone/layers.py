@@ -58,21 +58,33 @@ class PrefixKeys:
 class PackedRows:
     """Several groups of sequences laid end to end in one row (B = 1), each sequence attending
     only within itself: depth-wise batching packs the step inputs of the batches in flight so
-    (depthwise.py). Group g holds `groups[g] = (b, n)`: b sequences of n rows each.
+    (depthwise.py). Group g holds `groups[g] = (b, n)`: b rows of n slots, each row one sequence,
+    or, where `prefixes[g]` is given (a step with padding slots), two (PrefixKeys).
 
     On CUDA in half precision this runs as one variable-length flash attention over all the
-    sequences (`cu_seqlens`, their offsets on the device); elsewhere as SDPA per group."""
+    sequences (`cu_seqlens`, their offsets on the device); elsewhere as SDPA per group, with
+    each group's key mask."""
 
     groups: tuple[tuple[int, int], ...]
     cu_seqlens: Tensor  # (S + 1,) int32 offsets of the S sequences in the packed rows
+    prefixes: tuple[PrefixKeys | None, ...] | None = None  # per group; None: no padding slots
 
     @classmethod
-    def of(cls, groups: tuple[tuple[int, int], ...], device: torch.device) -> PackedRows:
-        offsets = [0]
-        for b, n in groups:
-            start = offsets[-1]
-            offsets += [start + n * (i + 1) for i in range(b)]
-        return cls(groups, torch.tensor(offsets, dtype=torch.int32).to(device))
+    def of(cls, groups: tuple[tuple[int, int], ...], device: torch.device,
+           prefixes: tuple[PrefixKeys | None, ...] | None = None) -> PackedRows:
+        if prefixes is None or all(p is None for p in prefixes):  # static: offsets from the host
+            offsets = [0]
+            for b, n in groups:
+                start = offsets[-1]
+                offsets += [start + n * (i + 1) for i in range(b)]
+            return cls(groups, torch.tensor(offsets, dtype=torch.int32).to(device))
+        parts, start = [], 0
+        for (b, n), p in zip(groups, prefixes):
+            parts.append(torch.arange(start, start + b * n, n, dtype=torch.int32, device=device)
+                         if p is None else p.cu_seqlens[:-1] + start)
+            start += b * n
+        parts.append(torch.full((1,), start, dtype=torch.int32, device=device))
+        return cls(groups, torch.cat(parts), prefixes)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q, k, v (1, T, H, Dh) -> (1, T, H, Dh), attention within each sequence."""
@@ -85,9 +97,11 @@ class PackedRows:
                 0.0, False, False)[0]
             return out.view(1, T, H, Dh)
         sizes = [b * n for b, n in self.groups]
+        masks = self.prefixes or (None,) * len(self.groups)
         outs = []
-        for (b, n), *qkv in zip(self.groups, *(t[0].split(sizes) for t in (q, k, v))):
-            o = F.scaled_dot_product_attention(*(t.view(b, n, H, Dh).transpose(1, 2) for t in qkv))
+        for (b, n), mask, *qkv in zip(self.groups, masks, *(t[0].split(sizes) for t in (q, k, v))):
+            o = F.scaled_dot_product_attention(
+                *(t.view(b, n, H, Dh).transpose(1, 2) for t in qkv), attn_mask=_key_mask(mask))
             outs.append(o.transpose(1, 2).reshape(b * n, H, Dh))
         return torch.cat(outs)[None]
 

@@ -220,9 +220,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
-    p.add_argument("--modes", default="eager,compiled", help="comma list of eager,graphed (CUDA graph of the eager forward),compiled,cudagraphs "
-                        "(torch.compile mode reduce-overhead),depthwise (a stream of batches, N_r in flight, "
-                        "through DepthwiseBatcher; inference)")
+    p.add_argument("--modes", default="eager,compiled",
+                   help="comma list of eager,graphed (CUDA graph of the eager forward),compiled,"
+                        "cudagraphs (torch.compile mode reduce-overhead),depthwise (a stream of "
+                        "batches, N_r in flight, through DepthwiseBatcher; inference)")
     p.add_argument("--compiled-variants", default=None,
                    help="restrict non-eager modes to these variants (compile time is the cost)")
     p.add_argument("--small", action="store_true", help="tiny shapes and width (CPU smoke test)")
@@ -289,9 +290,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def depthwise_ok(v: Variant) -> bool:
     """Whether the variant has a depthwise row: what DepthwiseBatcher runs (shared layers,
-    expert-choice or no router, recursion-wise keys and values), and vanilla, whose row there is
-    its eager forward (no shared layers to batch), the baseline the ratios need."""
-    return v.sharing == "none" or (v.router in (None, "ec") and v.kv_mode == "recursion")
+    recursion-wise keys and values), and vanilla, whose row there is its eager forward (no
+    shared layers to batch), the baseline the ratios need."""
+    return v.sharing == "none" or v.kv_mode == "recursion"
 
 
 def _plan(args) -> list[tuple[Shape, Variant, str]]:
