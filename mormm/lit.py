@@ -7,6 +7,7 @@ bias updates after optimizer steps, depth statistics for logging, compile) lives
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import lightning as L
 import torch
@@ -19,7 +20,9 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
 )
 
-from mormm.backbone import BackboneOutput, MoRBackbone, compile_options, inference_config
+from encoders.tokens import Tokens
+from mormm.backbone import (BackboneOutput, DepthwiseBatcher, MoRBackbone, compile_options,
+                            inference_config)
 from mormm.heads import Pooling
 from mormm.model import ClassifierOutput, MoRClassifier
 from mormm.uptrain import UptrainInit, uptrain
@@ -73,6 +76,11 @@ class MoRModule(L.LightningModule):
                    come from mormm.backbone.compile_options (pointwise autotuning off).
     init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
                    from scratch (not on resume, validate, test or predict).
+    depthwise:     `mormm predict` runs the backbone over the stream of batches through
+                   mormm.backbone.DepthwiseBatcher: N_r batches in flight, each shared layer
+                   called once for all of them (their predictions are the forward's). Eager
+                   throughput on short clips, where the host's launches set the pace
+                   (benchmarks/README.md); unpadded clips, and not with `compile`.
     """
 
     def __init__(
@@ -90,8 +98,12 @@ class MoRModule(L.LightningModule):
         label_smoothing: float = 0.0,
         compile: bool | str = False,
         init_from: UptrainInit | None = None,
+        depthwise: bool = False,
     ) -> None:
         super().__init__()
+        if depthwise and compile:
+            raise ValueError("model.depthwise and model.compile are two ways to cut the host's "
+                             "work per batch; set one of them")
         self._cuda_graphs = False  # whether the compiled backbone replays as CUDA graphs
         if isinstance(compile, str):
             modes = torch._inductor.list_mode_options()
@@ -119,6 +131,9 @@ class MoRModule(L.LightningModule):
         # Token-choice load of each micro-batch since the last optimizer step (averaged for the
         # loss-free bias update, so gradient accumulation sees the whole effective batch).
         self._loads: list[Tensor] = []
+        # model.depthwise: the batcher of this predict run, and its batches still in flight.
+        self._batcher: DepthwiseBatcher | None = None
+        self._in_flight: deque[tuple[dict, Tokens]] = deque()
 
     @property
     def backbone(self) -> MoRBackbone:
@@ -249,8 +264,33 @@ class MoRModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_metrics)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        out = self(batch)
+    def on_predict_start(self) -> None:
+        if self.hparams.depthwise:
+            self._batcher, self._in_flight = DepthwiseBatcher(self.backbone), deque()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
+        """The predictions of this batch; with model.depthwise, of the batch that left the
+        pipeline in this step (None while it fills; `flush_predictions` gives the rest)."""
+        if self._batcher is None:
+            return self._prediction(batch, self(batch))
+        tokens = self.model.prepare(batch)
+        self._in_flight.append((batch, tokens))
+        out = self._batcher(tokens)
+        return None if out is None else self._prediction(*self._leave(out))
+
+    def flush_predictions(self) -> list[dict]:
+        """model.depthwise: the predictions of the batches still in flight, oldest first."""
+        if self._batcher is None:
+            return []
+        outs = [self._prediction(*self._leave(out)) for out in self._batcher.flush()]
+        self._batcher = None
+        return outs
+
+    def _leave(self, out: BackboneOutput) -> tuple[dict, ClassifierOutput]:
+        batch, tokens = self._in_flight.popleft()
+        return batch, self.model.classify(tokens, out)
+
+    def _prediction(self, batch: dict, out: ClassifierOutput) -> dict:
         logits = self._clip_logits(out.logits, batch)
         probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
         return {"key": batch.get("key"), "meta": batch.get("meta"), "probs": probs,

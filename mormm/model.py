@@ -58,10 +58,16 @@ class MoRClassifier(nn.Module):
         return self.tokenizer(**{k: batch[k] for k in self.input_keys if k in batch})
 
     def forward(self, batch: dict) -> ClassifierOutput:
-        tokens = self.pooling.prepare(self.tokenize(batch))
-        out = self.backbone(tokens)
-        logits = self.head(self.pooling(out.hidden, out.valid))
-        return ClassifierOutput(logits, tokens, out)
+        tokens = self.prepare(batch)
+        return self.classify(tokens, self.backbone(tokens))
+
+    def prepare(self, batch: dict) -> Tokens:
+        """What enters the backbone: the batch's tokens, with what the pooling adds."""
+        return self.pooling.prepare(self.tokenize(batch))
+
+    def classify(self, tokens: Tokens, out: BackboneOutput) -> ClassifierOutput:
+        """The head on the backbone's output for `tokens` (however the backbone was run)."""
+        return ClassifierOutput(self.head(self.pooling(out.hidden, out.valid)), tokens, out)
 
 
 # Inputs without which no tokenizer can run; lengths and sample rate are optional extras.

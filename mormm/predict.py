@@ -47,6 +47,9 @@ class PredictionWriter(BasePredictionWriter):
         self._skipped_before = _skips(trainer)[0]
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        # model.depthwise: the batches still in the pipeline when the data ran out
+        for prediction in getattr(pl_module, "flush_predictions", list)():
+            self._write(trainer, prediction)
         if self._path is not None:
             print(f"predictions written to {self._path}")
         self._path = None
@@ -61,6 +64,10 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
+        if prediction is not None:  # None: a depth-wise pipeline still filling (model.depthwise)
+            self._write(trainer, prediction)
+
+    def _write(self, trainer: L.Trainer, prediction: dict) -> None:
         names = list(getattr(trainer.datamodule, "class_names", []) or [])
         probs = prediction["probs"].float().cpu()
         depth = prediction["depth"].cpu()

@@ -1,6 +1,7 @@
 """Modality-agnostic Mixture-of-Recursions backbone."""
 
 from mormm.backbone.config import BackboneConfig
+from mormm.backbone.depthwise import DepthwiseBatcher
 from mormm.backbone.inductor import compile_options, inference_config
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.recursion import MoRBackbone
@@ -16,6 +17,7 @@ __all__ = [
     "STRATEGIES",
     "BackboneConfig",
     "BackboneOutput",
+    "DepthwiseBatcher",
     "ExpertChoiceRouter",
     "MoRBackbone",
     "Route",
