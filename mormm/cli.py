@@ -29,7 +29,22 @@ from mormm.predict import PredictionWriter
 TOOLS = ("shards", "bench", "analyze")
 
 
+# Model options that choose how a run executes, not what the checkpoint's weights are: the config
+# and command line of the run decide them. LightningCLI parses a --ckpt_path checkpoint's saved
+# hyperparameters over the run's own, which dropped `--model.depthwise true` or
+# `--model.compile reduce-overhead` given to `mormm predict` without a word.
+RUN_OPTIONS = ("compile", "depthwise")
+
+
 class MoRCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        command = self.config.get("subcommand")
+        model = self.config[command].get("model") if command else None
+        run = {k: model[k] for k in RUN_OPTIONS if k in model} if model is not None else {}
+        super()._parse_ckpt_path()
+        for k, v in run.items():
+            self.config[command]["model"][k] = v
+
     def add_arguments_to_parser(self, parser) -> None:
         # Class names and count come from the dataset index: configs never repeat them.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")

@@ -60,6 +60,34 @@ def test_predict_writes_class_probability_and_depth_per_clip(checkpoint: Path, t
         assert math.isclose(r["mean_depth"], sum(r["depth"]) / len(r["depth"]), abs_tol=1e-3)
 
 
+def test_depthwise_predict_writes_the_forwards_predictions(checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch):
+    """--model.depthwise true (given with a checkpoint whose saved hyperparameters say false):
+    three batches through a pipeline of two (quickstart N_r = 2), the last one written after the
+    data ran out, as the batch-by-batch run writes them."""
+    from mormm.backbone import DepthwiseBatcher
+
+    calls = []
+    real = DepthwiseBatcher.__call__
+    monkeypatch.setattr(DepthwiseBatcher, "__call__",
+                        lambda self, tokens=None: calls.append(tokens) or real(self, tokens))
+    records = {}
+    for depthwise in ("false", "true"):
+        out = tmp_path / depthwise
+        assert 0 == main(["predict", "--config", QUICKSTART, *small(out), "--ckpt_path",
+                          str(checkpoint), "--data.predict_from", "val",
+                          "--trainer.limit_predict_batches", "3", "--model.depthwise", depthwise])
+        (file,) = out.glob("**/predictions.jsonl")
+        records[depthwise] = [json.loads(line) for line in file.read_text().splitlines()]
+        # three batches admitted, then one call that finishes the last (flush)
+        assert [t is None for t in calls] == ([False] * 3 + [True] if depthwise == "true" else [])
+    plain, piped = records["false"], records["true"]
+    assert len(piped) == len(plain) == 12
+    for a, b in zip(plain, piped):
+        assert (a["key"], a["class"], a["depth"]) == (b["key"], b["class"], b["depth"])
+        assert math.isclose(a["probability"], b["probability"], abs_tol=1e-5)
+
+
 # -- user errors: exit code 2 and one readable message, no traceback -----------------------------
 
 
