@@ -14,10 +14,11 @@ each batch's update. A batch leaves after its last step, N_r - 1 calls after it 
 
 Per batch the shared layers then run once instead of N_r times. Eager short clips are bound by
 the host's launches, and the layers' are most of them: on the H200 the host issued a call in
-0.38x of the time it took to issue an expert-choice forward (benchmarks/README.md). The outputs
+0.3-0.5x of the time it took to issue an expert-choice forward (benchmarks/README.md). The outputs
 are the forward's (`backbone(tokens)`), up to the rounding of matrix products over more rows.
 The price is memory: the batches in flight and the packed step's activations, about 3x an
-eager forward's inference peak.
+eager expert-choice forward's inference peak; and latency: a batch's output comes N_r - 1 calls
+after it went in.
 
 Inference only, over unpadded clips, for backbones whose every step runs the same shared layers
 (sharing "cycle" or "middle_cycle"), with recursion-wise keys and values, without a router, with
