@@ -18,15 +18,15 @@ CAPS = [1.0, 0.75, 0.5, 0.25]
 
 
 def _backbone(router=None, sharing="cycle", kv_mode="recursion", gate_update="delta",
-              **router_kw):
+              caps=CAPS, **router_kw):
     layers = 10 if sharing.startswith("middle") else 8
     cfg = BackboneConfig(dim=32, num_heads=2, num_layers=layers, num_recursions=4,
                          sharing=sharing, kv_mode=kv_mode, gate_update=gate_update)
     torch.manual_seed(0)
     if router == "ec":
-        router = ExpertChoiceRouter(CAPS, **router_kw)
+        router = ExpertChoiceRouter(caps, **router_kw)
     elif router == "tc":
-        router = TokenChoiceRouter(CAPS, **router_kw)
+        router = TokenChoiceRouter(caps, **router_kw)
     backbone = MoRBackbone(cfg, router)
     randomize_router(backbone)
     return backbone.eval()
@@ -182,3 +182,19 @@ def test_packed_steps_run_as_one_flash_varlen_call_on_cuda_under_bf16(monkeypatc
     for e, g in zip(expected, got):
         torch.testing.assert_close(g.hidden.float(), e.hidden.float(), atol=3e-2, rtol=3e-2)
         assert (g.depth != e.depth).float().mean() < 0.05  # bf16 rounding may flip close calls
+
+
+def test_the_callers_embeddings_are_never_written():
+    """Without a prelude layer, a first step below capacity 1 gathers straight from the caller's
+    embeddings: the scatter back at the end must copy them, not write into them."""
+    backbone = _backbone(router="ec", caps=[0.75, 0.5, 0.5, 0.25])
+    batches = _stream()
+    before = [t.embeddings.clone() for t in batches]
+    with torch.no_grad():
+        expected = [backbone(t) for t in batches]
+        got = list(DepthwiseBatcher(backbone).run(batches))
+    assert all(torch.equal(t.embeddings, b) for t, b in zip(batches, before))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.hidden, e.hidden, atol=1e-5, rtol=1e-5)
+        # step 2 keeps all that step 1 kept (no depth 2): a later step without a gather
+        assert torch.equal(g.depth, e.depth) and set(g.depth.unique().tolist()) == {0, 1, 3, 4}

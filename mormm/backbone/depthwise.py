@@ -49,7 +49,6 @@ from mormm.backbone.units import Units, gather_blocks, scatter_blocks
 class _Batch:
     """One batch in flight: its sequence, working set and what its output will need."""
 
-    tokens: Tokens
     x: Tensor  # (B, N, D) the sequence entering the steps (the first level's parent)
     rope: Tensor | None  # (B, N, 2, Dh)
     units: Units | None  # the working set's units (None without a router)
@@ -65,6 +64,7 @@ class _Batch:
     carry: object = None  # what the router decided up front (token-choice)
     fold: bool = False  # the router's bookkeeping in Triton launches (eager CUDA, fused.py)
     pending: tuple | None = None  # the step in progress: input, gate, units, taken slots
+    given: Tensor | None = None  # x when it is the caller's embeddings: never written in place
 
 
 class DepthwiseBatcher:
@@ -152,7 +152,8 @@ class DepthwiseBatcher:
             raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
                              f"the backbone alone")
         x, rope = bb.enter(tokens)
-        return _Batch(tokens, x, rope, units, x, rope, fold=bb._fuses(x))
+        given = x if x is tokens.embeddings else None
+        return _Batch(x, rope, units, x, rope, fold=bb._fuses(x), given=given)
 
     def _route(self, b: _Batch) -> tuple[Tensor, Tensor | None, PrefixKeys | None]:
         """Route batch b at its step (the forward's compact loop, unfused merges): its step
@@ -239,8 +240,8 @@ class DepthwiseBatcher:
         bb = self.backbone
         h = b.h
         for parent, index, L in reversed(b.levels):
-            # In place: every parent but the input embeddings is this batch's own tensor.
-            h = scatter_blocks(parent, index, h, L, inplace=parent is not b.tokens.embeddings)
+            # In place: every parent but the caller's embeddings is this batch's own tensor.
+            h = scatter_blocks(parent, index, h, L, inplace=parent is not b.given)
         B, N, _ = b.x.shape
         if bb.router is None:  # as the forward's plain loop reports its steps
             everyone = torch.ones(B, N, dtype=torch.bool, device=h.device)
