@@ -150,7 +150,7 @@ class DepthwiseBatcher:
             why = f"the router's inference={bb.router.inference!r} is not 'topk'"
         if why is not None:
             raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
-                             f"the backbone alone")
+                             f"the backbone alone (mormm predict: --model.depthwise false)")
         x, rope = bb.enter(tokens)
         given = x if x is tokens.embeddings else None
         return _Batch(x, rope, units, x, rope, fold=bb._fuses(x), given=given)
