@@ -10,6 +10,7 @@ import torch
 
 from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
+from mormm.backbone import fused
 from mormm.backbone.depthwise import DepthwiseBatcher
 from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.units import capacity_count
@@ -198,3 +199,29 @@ def test_the_callers_embeddings_are_never_written():
         torch.testing.assert_close(g.hidden, e.hidden, atol=1e-5, rtol=1e-5)
         # step 2 keeps all that step 1 kept (no depth 2): a later step without a gather
         assert torch.equal(g.depth, e.depth) and set(g.depth.unique().tolist()) == {0, 1, 3, 4}
+
+
+@pytest.mark.skipif(not fused.runs_on(torch.zeros(1)) and not torch.cuda.is_available(),
+                    reason="needs Triton (its interpreter on CPU, tests/conftest.py)")
+def test_steps_end_in_the_fused_merge_which_scores_the_next_step(monkeypatch):
+    """At inference where the Triton kernels run, every batch's step ends in one merge_rows
+    launch, which also computes the next expert-choice router's scores: routes after the first
+    get them instead of scoring the rows again."""
+    backbone = _backbone(router="ec")
+    merges, given = [], []
+    real_merge, real_route = fused.merge_rows, ExpertChoiceRouter.route
+    monkeypatch.setattr(fused, "merge_rows",
+                        lambda *a, **k: merges.append(1) or real_merge(*a, **k))
+    monkeypatch.setattr(ExpertChoiceRouter, "route", lambda self, step, h, units, active, carry,
+                        scores=None, fused=False: given.append((step, scores is not None))
+                        or real_route(self, step, h, units, active, carry, scores, fused))
+    batches = _stream()
+    with torch.no_grad():
+        expected = [backbone(t) for t in batches]
+        merges.clear(), given.clear()
+        got = list(DepthwiseBatcher(backbone).run(batches))
+    assert len(merges) == 4 * len(batches)
+    assert sorted(given) == sorted((r, r > 0) for r in range(4) for _ in batches)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.hidden, e.hidden, atol=1e-5, rtol=1e-5)
+        assert torch.equal(g.depth, e.depth)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from encoders.tokens import Tokens
+from mormm.backbone import fused
 from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.recursion import (MoRBackbone, StepGate, _count_selected, _positions,
@@ -62,7 +63,8 @@ class _Batch:
     traces: list = field(default_factory=list)
     live: Tensor | None = None  # (B, M) units that took the last step (token-choice); None: all
     carry: object = None  # what the router decided up front (token-choice)
-    fold: bool = False  # the router's bookkeeping in Triton launches (eager CUDA, fused.py)
+    fold: bool = False  # merges and routing bookkeeping in Triton launches (eager CUDA, fused.py)
+    scores: Tensor | None = None  # (B, M) the next router's scores, from the last fused merge
     pending: tuple | None = None  # the step in progress: input, gate, units, taken slots
     given: Tensor | None = None  # x when it is the caller's embeddings: never written in place
 
@@ -164,8 +166,14 @@ class DepthwiseBatcher:
             b.pending = (b.h, None, None, None)
             return b.h, b.h_rope, None
         r, units = b.step, b.units
-        route = router.route(r, b.h, units, b.live, b.carry, fused=b.fold)
-        gate = StepGate(route.gates())
+        route = router.route(r, b.h, units, b.live, b.carry, b.scores, fused=b.fold)
+        b.scores = None
+        # Fused merges apply the router's sigmoid themselves where it was left to them.
+        if route.gate is None and b.fold:
+            gate, trace_gate = StepGate(route.logits, route.sigmoid_scale), route.gates
+        else:
+            gate = StepGate(route.gates())
+            trace_gate = gate.values
         competed, h_in, rope_in, taken, keys = b.where, b.h, b.h_rope, None, None
         if route.index is None:  # every unit of the working set takes the step
             b.carry = route.carry
@@ -192,20 +200,23 @@ class DepthwiseBatcher:
         else:
             b.chosen.append((b.where, taken))
         N = b.x.shape[1]
-        b.traces.append(StepTrace.compact(N, competed, b.where, route.logits, gate.values, taken,
+        b.traces.append(StepTrace.compact(N, competed, b.where, route.logits, trace_gate, taken,
                                           units.broadcaster()))
         b.pending = (h_in, gate, b.units, taken)
         return h_in, rope_in, keys
 
     def _layers(self, inputs: list[tuple[Tensor, Tensor | None, PrefixKeys | None]]
-                ) -> list[Tensor]:
-        """The shared layers once over the step inputs of all batches, packed into one row."""
+                ) -> list[Tensor | tuple[Tensor, Tensor]]:
+        """The shared layers once over the step inputs of all batches, packed into one row; each
+        batch's output, or where merges are fused, its two terms (Block.forward's split)."""
         bb = self.backbone
         chunk = bb.plan.steps[0]
+        split = all(b.fold for b in self._flight)
+        last = len(chunk) - 1
         if len(inputs) == 1:
             h, rope, keys = inputs[0]
-            for i in chunk:
-                h, _ = bb.layers[i](h, rope, keys)
+            for j, i in enumerate(chunk):
+                h, _ = bb.layers[i](h, rope, keys, split=split and j == last)
             return [h]
         groups = tuple((h.shape[0], h.shape[1]) for h, _, _ in inputs)
         prefixes = tuple(keys for _, _, keys in inputs)
@@ -221,19 +232,33 @@ class DepthwiseBatcher:
         x = torch.cat([h.flatten(0, 1) for h, _, _ in inputs])[None]
         rope = (None if inputs[0][1] is None
                 else torch.cat([r.flatten(0, 1) for _, r, _ in inputs])[None])
-        for i in chunk:
-            x, _ = bb.layers[i](x, rope, packed)
-        return [o.view(h.shape) for o, (h, _, _) in zip(x[0].split([b * n for b, n in groups]),
-                                                        inputs)]
+        for j, i in enumerate(chunk):
+            x, _ = bb.layers[i](x, rope, packed, split=split and j == last)
+        sizes = [b * n for b, n in groups]
+        rows = [t[0].split(sizes) for t in (x if split else (x,))]
+        return [tuple(r.view(h.shape) for r in terms) if split else terms[0].view(h.shape)
+                for terms, (h, _, _) in zip(zip(*rows), inputs)]
 
-    def _merge(self, b: _Batch, out: Tensor) -> None:
+    def _merge(self, b: _Batch, out: Tensor | tuple[Tensor, Tensor]) -> None:
+        """Batch b's gated update from its step's output (as the forward's `_update` merges)."""
+        bb = self.backbone
         h_in, gate, units, taken = b.pending
         b.pending = None
         b.step += 1
+        if isinstance(out, tuple):  # the last layer's two terms, for a fused merge
+            if gate is not None and units.segment_ids is None:
+                R = len(bb.plan.steps)
+                nxt = bb.router.score_weight(b.step) if b.step < R else None
+                b.h, b.scores = fused.merge_rows(h_in, *out, gate.values,
+                                                 bb.config.gate_update == "delta", nxt,
+                                                 taken=taken, gate_index=gate.index,
+                                                 sigmoid=gate.sigmoid_scale)
+                return
+            out = out[0] + out[1]
         if gate is None:  # no router: every token takes the step, h <- f(h)
             b.h = out
             return
-        new = self.backbone._merge_units(units, h_in, out, gate.materialize(h_in.dtype))
+        new = bb._merge_units(units, h_in, out, gate.materialize(h_in.dtype))
         b.h = new if taken is None else torch.where(taken[..., None], new, h_in)
 
     def _finish(self, b: _Batch) -> BackboneOutput:
