@@ -158,9 +158,8 @@ class DepthwiseBatcher:
         return _Batch(x, rope, units, x, rope, fold=bb._fuses(x), given=given)
 
     def _route(self, b: _Batch) -> tuple[Tensor, Tensor | None, PrefixKeys | None]:
-        """Route batch b at its step (the forward's compact loop, unfused merges): its step
-        input, rotary table and key padding (token-choice steps that keep fewer than their
-        bound)."""
+        """Route batch b at its step (the forward's compact loop): its step input, rotary table
+        and key padding (token-choice steps that keep fewer than their bound)."""
         router = self.backbone.router
         if router is None:
             b.pending = (b.h, None, None, None)
