@@ -10,7 +10,8 @@ step's output for the same tokens. A stream of batches can. The batcher holds up
 the newest at step 0, the one before at step 1, and so on; each call routes every batch in flight
 and gathers its step input, packs the rows of all of them into one sequence, runs each shared
 layer once over it (attention stays within each clip and step: layers.PackedRows) and merges
-each batch's update. A batch leaves after its last step, N_r - 1 calls after it came in.
+each batch's update (one fused.merge_rows launch per batch where the forward's merges are fused).
+A batch leaves after its last step, N_r - 1 calls after it came in.
 
 Per batch the shared layers then run once instead of N_r times. Eager short clips are bound by
 the host's launches, and the layers' are most of them: on the H200 the host issued a call in
