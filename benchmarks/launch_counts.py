@@ -26,9 +26,9 @@ def count(variant: str, shape: str, dim: int = 384, heads: int = 6) -> int:
     model = build_model(VARIANTS[variant], dim, heads, DEPTH, len(CAPACITIES)).eval()
     inputs = make_inputs(Shape(shape, 1, SHAPES[shape].grid), dim, torch.device("cpu"))
     # What CUDA runs for steps with padding slots: one flash varlen kernel, no key mask.
-    varlen = lambda q, k, v, keys: torch.ops.aten.clone(q)  # noqa: E731
+    varlen = lambda q, k, v, cu_seqlens, longest: torch.ops.aten.clone(q)  # noqa: E731
     with mock.patch.object(layers, "_varlen_ok", lambda q: True), \
-            mock.patch.object(layers, "_prefix_attention", varlen), \
+            mock.patch.object(layers, "_varlen_attention", varlen), \
             torch.no_grad(), torch.autocast("cpu", torch.bfloat16), KernelCounter() as kernels:
         model(*inputs)
     return kernels.ops

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mormm.backbone.layers import PrefixKeys, _prefix_attention
+from mormm.backbone.layers import PrefixKeys, _varlen_attention
 from mormm.bench.timing import timed
 
 SHAPES = [(32, 1176), (32, 784), (32, 392), (128, 147), (128, 49), (64, 909), (64, 303)]
@@ -49,7 +49,7 @@ def one(B: int, K: int) -> dict:
         return F.scaled_dot_product_attention(q, k, v)
 
     def varlen():  # what a routed step runs (mormm.backbone.layers)
-        return _prefix_attention(*tokens_first, keys)
+        return _varlen_attention(*tokens_first, keys.cu_seqlens, K)
 
     ref = masked().transpose(1, 2)[mask].float()
     out = varlen()[mask].float()

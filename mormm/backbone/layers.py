@@ -90,12 +90,7 @@ class PackedRows:
         """q, k, v (1, T, H, Dh) -> (1, T, H, Dh), attention within each sequence."""
         _, T, H, Dh = q.shape
         if _varlen_ok(q):
-            longest = max(n for _, n in self.groups)
-            rows = lambda t: t.reshape(T, H, Dh)  # noqa: E731
-            out = torch.ops.aten._flash_attention_forward(
-                rows(q), rows(k), rows(v), self.cu_seqlens, self.cu_seqlens, longest, longest,
-                0.0, False, False)[0]
-            return out.view(1, T, H, Dh)
+            return _varlen_attention(q, k, v, self.cu_seqlens, max(n for _, n in self.groups))
         sizes = [b * n for b, n in self.groups]
         masks = self.prefixes or (None,) * len(self.groups)
         outs = []
@@ -122,14 +117,17 @@ def _varlen_ok(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
 
 
-def _prefix_attention(q: Tensor, k: Tensor, v: Tensor, keys: PrefixKeys) -> Tensor:
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                      longest: int) -> Tensor:
     """q, k, v (B, M, H, Dh) -> (B, M, H, Dh) through flash attention's variable-length kernel
-    (differentiable; no host sync: the offsets stay on the device, the bound M is static)."""
+    over the sequences the offsets `cu_seqlens` cut the B * M rows into, none longer than
+    `longest` (differentiable; no host sync: the offsets stay on the device, the bound is
+    static)."""
     B, M, H, Dh = q.shape
     rows = lambda t: t.reshape(B * M, H, Dh)  # noqa: E731
-    cu = keys.cu_seqlens
-    out = torch.ops.aten._flash_attention_forward(rows(q), rows(k), rows(v), cu, cu, M, M, 0.0,
-                                                  False, False)[0]
+    out = torch.ops.aten._flash_attention_forward(rows(q), rows(k), rows(v), cu_seqlens,
+                                                  cu_seqlens, longest, longest, 0.0, False,
+                                                  False)[0]
     return out.view(B, M, H, Dh)
 
 
@@ -156,7 +154,7 @@ class Attention(nn.Module):
             o = key_valid.attend(qk[:, :, 0], qk[:, :, 1], v)  # (1, T, H, Dh)
             return self.proj(o.reshape(B, K, -1)), (qk[:, :, 1].transpose(1, 2), v.transpose(1, 2))
         if isinstance(key_valid, PrefixKeys) and _varlen_ok(qk):
-            o = _prefix_attention(qk[:, :, 0], qk[:, :, 1], v, key_valid)  # (B, K, H, Dh)
+            o = _varlen_attention(qk[:, :, 0], qk[:, :, 1], v, key_valid.cu_seqlens, K)
             k, v = qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
             return self.proj(o.reshape(B, K, -1)), (k, v)
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, K, Dh) each
