@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from encoders.tokens import Tokens
-from mormm.backbone import fused
 from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.recursion import (MoRBackbone, StepGate, _count_selected, _positions,
@@ -168,28 +167,19 @@ class DepthwiseBatcher:
         r, units = b.step, b.units
         route = router.route(r, b.h, units, b.live, b.carry, b.scores, fused=b.fold)
         b.scores = None
-        # Fused merges apply the router's sigmoid themselves where it was left to them.
-        if route.gate is None and b.fold:
-            gate, trace_gate = StepGate(route.logits, route.sigmoid_scale), route.gates
-        else:
-            gate = StepGate(route.gates())
-            trace_gate = gate.values
+        gate, trace_gate = StepGate.of(route, b.fold)
         competed, h_in, rope_in, taken, keys = b.where, b.h, b.h_rope, None, None
         if route.index is None:  # every unit of the working set takes the step
             b.carry = route.carry
         else:
-            index, L = route.index, units.max_len
-            if units.segment_ids is not None:
-                index, L = units.token_index(route.index), 1
+            index, L = units.rows_of(route.index)
             b.carry = router.gather_carry(route.carry, route.index)
             b.live = route.taken
             b.where = _positions(b.where, index, L, units)
             h_in = gather_blocks(b.h, index, L)
             rope_in = None if b.h_rope is None else gather_blocks(b.h_rope, index, L)
             b.levels.append((b.h, index, L))
-            kept = route.index.shape[1]
-            b.units = (Units.tokens(None, kept, units.population) if units.is_tokens
-                       else Units.blocks(kept, units.max_len, units.population))
+            b.units = units.kept(route.index.shape[1])
             gate = gate._replace(index=route.index)
             b.h_rope = rope_in
             if b.live is not None:  # the taken slots first, the rest write back what they read
@@ -240,26 +230,21 @@ class DepthwiseBatcher:
                 for terms, (h, _, _) in zip(zip(*rows), inputs)]
 
     def _merge(self, b: _Batch, out: Tensor | tuple[Tensor, Tensor]) -> None:
-        """Batch b's gated update from its step's output (as the forward's `_update` merges)."""
+        """Batch b's gated update from its step's output, or from its last layer's two terms
+        where merges are fused (the forward's merge_step)."""
         bb = self.backbone
         h_in, gate, units, taken = b.pending
         b.pending = None
         b.step += 1
-        if isinstance(out, tuple):  # the last layer's two terms, for a fused merge
-            if gate is not None and units.segment_ids is None:
-                R = len(bb.plan.steps)
-                nxt = bb.router.score_weight(b.step) if b.step < R else None
-                b.h, b.scores = fused.merge_rows(h_in, *out, gate.values,
-                                                 bb.config.gate_update == "delta", nxt,
-                                                 taken=taken, gate_index=gate.index,
-                                                 sigmoid=gate.sigmoid_scale)
-                return
+        # Without a router, h <- f(h); segments found by id take the unfused merge.
+        if isinstance(out, tuple) and (gate is None or units.segment_ids is not None):
             out = out[0] + out[1]
-        if gate is None:  # no router: every token takes the step, h <- f(h)
+        if gate is None:
             b.h = out
             return
-        new = bb._merge_units(units, h_in, out, gate.materialize(h_in.dtype))
-        b.h = new if taken is None else torch.where(taken[..., None], new, h_in)
+        R = len(bb.plan.steps)
+        nxt = bb.router.score_weight(b.step) if isinstance(out, tuple) and b.step < R else None
+        b.h, b.scores = bb.merge_step(units, h_in, out, gate, nxt, taken=taken)
 
     def _finish(self, b: _Batch) -> BackboneOutput:
         bb = self.backbone

@@ -36,7 +36,7 @@ from mormm.backbone.config import BackboneConfig
 from mormm.backbone.layers import Block, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.rotary import AxialRotary
-from mormm.backbone.routers import Router, sigmoid_gate
+from mormm.backbone.routers import Route, Router, sigmoid_gate
 from mormm.backbone.sharing import sharing_plan
 from mormm.backbone.units import Units, gather_blocks, gather_rows, scatter_blocks
 
@@ -206,13 +206,8 @@ class MoRBackbone(nn.Module):
             nxt = weights[r + 1]
             _accumulate(losses, route.losses)
             stats.update(route.stats)
-            # Gates stay per unit (B, U): merges read the kept units' own, traces on demand. An
-            # eager fused merge also applies the router's sigmoid itself where it was left to us.
-            if route.gate is None and fold:
-                gate, trace_gate = StepGate(route.logits, route.sigmoid_scale), route.gates
-            else:
-                gate = StepGate(route.gates())
-                trace_gate = gate.values
+            # Gates stay per unit (B, U): merges read the kept units' own, traces on demand.
+            gate, trace_gate = StepGate.of(route, fold)
             competed, taken, step_units = where, None, set_units
             if route.index is None:  # every token of the working set takes the step
                 carry = route.carry
@@ -229,9 +224,7 @@ class MoRBackbone(nn.Module):
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
                 # for segments found by id (the sequence itself), their tokens one by one.
-                index, L = route.index, set_units.max_len
-                if set_units.segment_ids is not None:
-                    index, L = set_units.token_index(route.index), 1
+                index, L = set_units.rows_of(route.index)
                 carry = self.router.gather_carry(route.carry, route.index)
                 live = route.taken  # None: every unit of the index takes the step
                 kept = route.index.shape[1]
@@ -242,8 +235,7 @@ class MoRBackbone(nn.Module):
                     h_in = gather_blocks(h, index, L)
                     h_rope = None if h_rope is None else gather_blocks(h_rope, index, L)
                     levels.append((h, index, L))
-                set_units = (Units.tokens(None, kept, units.population) if units.is_tokens
-                             else Units.blocks(kept, units.max_len, units.population))
+                set_units = set_units.kept(kept)
                 keys = None
                 if live is not None:
                     taken = set_units.broadcast(live)  # (B, K): the first slots of each row
@@ -328,14 +320,22 @@ class MoRBackbone(nn.Module):
         reads the gates as `gate` gives them and writes the rows to positions `where` of
         `stream` if given (and returns the stream); segments found by id (not whole blocks) take
         the unfused ops."""
-        if not fuse or units.segment_ids is not None:
-            out = self._run(r, chunk, h, rope, shared_kv, keys)
-            new = self._merge_units(units, h, out, gate.materialize(h.dtype))
-            return (new if taken is None else torch.where(taken[..., None], new, h)), None
-        x1, m = self._run(r, chunk, h, rope, shared_kv, keys, split=True)
-        return fused.merge_rows(h, x1, m, gate.values, self.config.gate_update == "delta", nxt,
-                                stream, where if stream is not None else None, taken,
-                                gate.index, gate.sigmoid_scale)
+        split = fuse and units.segment_ids is None
+        out = self._run(r, chunk, h, rope, shared_kv, keys, split=split)
+        return self.merge_step(units, h, out, gate, nxt, stream, where, taken)
+
+    def merge_step(self, units, h, out, gate: StepGate, nxt=None, stream=None, where=None,
+                   taken=None) -> tuple[Tensor, Tensor | None]:
+        """The gated update of working set h (one gate per unit of `units`) from its step's
+        output `out`, or from its last layer's two terms (Block.forward's split), which end the
+        step in the fused kernel (see _update); rows not `taken` keep what they read. Returns
+        the new h and the fused kernel's scores for `nxt` (else None)."""
+        if isinstance(out, tuple):
+            return fused.merge_rows(h, *out, gate.values, self.config.gate_update == "delta", nxt,
+                                    stream, where if stream is not None else None, taken,
+                                    gate.index, gate.sigmoid_scale)
+        new = self._merge_units(units, h, out, gate.materialize(h.dtype))
+        return (new if taken is None else torch.where(taken[..., None], new, h)), None
 
     def _merge(self, inp: Tensor, out: Tensor, gate: Tensor) -> Tensor:
         """The gated update of selected tokens, one fused kernel: inp + g (out - inp) or
@@ -411,6 +411,16 @@ class StepGate(NamedTuple):
     values: Tensor
     sigmoid_scale: float | None = None
     index: Tensor | None = None
+
+    @classmethod
+    def of(cls, route: Route, fold: bool) -> tuple[StepGate, Tensor | Callable[[], Tensor]]:
+        """A route's gates for its merge, and for its step trace (a function where they are
+        computed on first read). An eager fused merge (fold) applies the router's sigmoid
+        itself where the router left it to its user."""
+        if route.gate is None and fold:
+            return cls(route.logits, route.sigmoid_scale), route.gates
+        gate = cls(route.gates())
+        return gate, gate.values
 
     def materialize(self, dtype: torch.dtype) -> Tensor:
         """The (B, K) gates of the kept units, in `dtype` (the unfused merge's)."""

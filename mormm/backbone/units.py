@@ -184,6 +184,20 @@ class Units:
         N = self.num_units * self.max_len if self.segment_ids is None else self.segment_ids.shape[1]
         return min(N, units_kept * self.max_len)
 
+    def rows_of(self, index: Tensor) -> tuple[Tensor, int]:
+        """Units `index` (B, K) as gather_blocks reads them, (index, L): whole blocks of L rows by
+        unit index (tokens: L = 1), or for segments found by id, their tokens one by one."""
+        if self.segment_ids is not None:
+            return self.token_index(index), 1
+        return index, self.max_len
+
+    def kept(self, kept: int) -> Units:
+        """The units of a compact working set that keeps `kept` of these, gathered whole, one
+        after the other (MoRBackbone's compact loop)."""
+        if self.is_tokens:
+            return Units.tokens(None, kept, self.population)
+        return Units.blocks(kept, self.max_len, self.population)
+
     def token_index(self, index: Tensor) -> Tensor:
         """(B, K) indices of whole units -> (B, K * max_len) indices of their tokens, unit by
         unit. Full units only: every unit holds exactly max_len tokens."""
