@@ -33,13 +33,15 @@ def _backbone(router=None, sharing="cycle", kv_mode="recursion", gate_update="de
     return backbone.eval()
 
 
-def _stream(segments=None, contiguous=False):
+def _stream(segments=None, contiguous=False, device="cpu"):
     """Five batches of different sizes and lengths (whole segments of 4 tokens when segmented)."""
     sizes = [(2, 12), (3, 16), (1, 24), (2, 12), (4, 8)]
     out = []
     for seed, (B, N) in enumerate(sizes):
         t = random_tokens(B, N, 32, segments=segments, seed=seed)
-        out.append(dataclasses.replace(t, contiguous_segments=contiguous))
+        tensors = {f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t)
+                   if isinstance(getattr(t, f.name), torch.Tensor)}
+        out.append(dataclasses.replace(t, contiguous_segments=contiguous, **tensors))
     return out
 
 
@@ -154,9 +156,7 @@ def test_packed_steps_run_as_one_flash_varlen_call_on_cuda_under_bf16(monkeypatc
     sequences per clip from its second step on, its taken slots and its padding); a stream still
     gets each batch's forward."""
     backbone = _backbone(router=router).cuda()
-    batches = [dataclasses.replace(t, embeddings=t.embeddings.cuda(), positions=t.positions.cuda(),
-                                   segment_ids=t.segment_ids.cuda(),
-                                   modality_ids=t.modality_ids.cuda()) for t in _stream()]
+    batches = _stream(device="cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         expected = [backbone(t) for t in batches]
         sequences = []
@@ -201,13 +201,16 @@ def test_the_callers_embeddings_are_never_written():
         assert torch.equal(g.depth, e.depth) and set(g.depth.unique().tolist()) == {0, 1, 3, 4}
 
 
-@pytest.mark.skipif(not fused.runs_on(torch.zeros(1)) and not torch.cuda.is_available(),
+FUSED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(not fused.runs_on(torch.zeros(1, device=FUSED_DEVICE)),
                     reason="needs Triton (its interpreter on CPU, tests/conftest.py)")
 def test_steps_end_in_the_fused_merge_which_scores_the_next_step(monkeypatch):
-    """At inference where the Triton kernels run, every batch's step ends in one merge_rows
-    launch, which also computes the next expert-choice router's scores: routes after the first
-    get them instead of scoring the rows again."""
-    backbone = _backbone(router="ec")
+    """At inference where the Triton kernels run (the GPU's, else Triton's interpreter), every
+    batch's step ends in one merge_rows launch, which also computes the next expert-choice
+    router's scores: routes after the first get them instead of scoring the rows again."""
+    backbone = _backbone(router="ec").to(FUSED_DEVICE)
     merges, given = [], []
     real_merge, real_route = fused.merge_rows, ExpertChoiceRouter.route
     monkeypatch.setattr(fused, "merge_rows",
@@ -215,7 +218,7 @@ def test_steps_end_in_the_fused_merge_which_scores_the_next_step(monkeypatch):
     monkeypatch.setattr(ExpertChoiceRouter, "route", lambda self, step, h, units, active, carry,
                         scores=None, fused=False: given.append((step, scores is not None))
                         or real_route(self, step, h, units, active, carry, scores, fused))
-    batches = _stream()
+    batches = _stream(device=FUSED_DEVICE)
     with torch.no_grad():
         expected = [backbone(t) for t in batches]
         merges.clear(), given.clear()
