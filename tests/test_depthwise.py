@@ -10,7 +10,7 @@ import torch
 
 from helpers import random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
-from mormm.backbone import fused
+from mormm.backbone import depthwise, fused
 from mormm.backbone.depthwise import DepthwiseBatcher
 from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.units import capacity_count
@@ -209,9 +209,12 @@ FUSED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_steps_end_in_the_fused_merge_which_scores_the_next_step(monkeypatch):
     """At inference where the Triton kernels run (the GPU's, else Triton's interpreter), every
     batch's step ends in one merge_rows launch, which also computes the next expert-choice
-    router's scores: routes after the first get them instead of scoring the rows again."""
+    router's scores: routes after the first get them instead of scoring the rows again. The
+    merges write each batch's rows into its sequence, so no batch keeps its working sets for a
+    scatter back."""
     backbone = _backbone(router="ec").to(FUSED_DEVICE)
-    merges, given = [], []
+    merges, given, scatters = [], [], []
+    monkeypatch.setattr(depthwise, "scatter_blocks", lambda *a, **k: scatters.append(1))
     real_merge, real_route = fused.merge_rows, ExpertChoiceRouter.route
     monkeypatch.setattr(fused, "merge_rows",
                         lambda *a, **k: merges.append(1) or real_merge(*a, **k))
@@ -223,7 +226,7 @@ def test_steps_end_in_the_fused_merge_which_scores_the_next_step(monkeypatch):
         expected = [backbone(t) for t in batches]
         merges.clear(), given.clear()
         got = list(DepthwiseBatcher(backbone).run(batches))
-    assert len(merges) == 4 * len(batches)
+    assert len(merges) == 4 * len(batches) and not scatters
     assert sorted(given) == sorted((r, r > 0) for r in range(4) for _ in batches)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g.hidden, e.hidden, atol=1e-5, rtol=1e-5)

@@ -10,8 +10,10 @@ step's output for the same tokens. A stream of batches can. The batcher holds up
 the newest at step 0, the one before at step 1, and so on; each call routes every batch in flight
 and gathers its step input, packs the rows of all of them into one sequence, runs each shared
 layer once over it (attention stays within each clip and step: layers.PackedRows) and merges
-each batch's update (one fused.merge_rows launch per batch where the forward's merges are fused).
-A batch leaves after its last step, N_r - 1 calls after it came in.
+each batch's update (one fused.merge_rows launch per batch where the forward's merges are fused;
+like the forward's, they then write each batch's rows into its sequence, and its steps read
+them from there: no working set is kept for a scatter back). A batch leaves after its last step,
+N_r - 1 calls after it came in.
 
 Per batch the shared layers then run once instead of N_r times. Eager short clips are bound by
 the host's launches, and the layers' are most of them: on the H200 the host issued a call in
@@ -42,7 +44,7 @@ from encoders.tokens import Tokens
 from mormm.backbone.layers import PackedRows, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
 from mormm.backbone.recursion import (MoRBackbone, StepGate, _count_selected, _positions,
-                                      depth_counter)
+                                      _rows_at, depth_counter)
 from mormm.backbone.units import Units, gather_blocks, scatter_blocks
 
 
@@ -50,14 +52,17 @@ from mormm.backbone.units import Units, gather_blocks, scatter_blocks
 class _Batch:
     """One batch in flight: its sequence, working set and what its output will need."""
 
-    x: Tensor  # (B, N, D) the sequence entering the steps (the first level's parent)
+    shape: tuple[int, int]  # (B, N) of the sequence entering the steps
     rope: Tensor | None  # (B, N, 2, Dh)
     units: Units | None  # the working set's units (None without a router)
     h: Tensor  # (B, M, D) working set
     h_rope: Tensor | None
     where: Tensor | None = None  # (B, M) the working set's positions; None: the sequence
     step: int = 0  # the next step it takes
-    levels: list = field(default_factory=list)  # (parent, index, L) per gather
+    levels: list = field(default_factory=list)  # (parent, index, L) per gather (no stream)
+    # Fused merges with every later step's scores fused or not needed: the sequence (B, N, D)
+    # after the first step, into which each merge writes its rows (the forward's stream).
+    stream: Tensor | None = None
     chosen: list = field(default_factory=list)  # (positions, taken) per step below N
     everyone_steps: int = 0
     traces: list = field(default_factory=list)
@@ -155,7 +160,7 @@ class DepthwiseBatcher:
                              f"the backbone alone (mormm predict: --model.depthwise false)")
         x, rope = bb.enter(tokens)
         given = x if x is tokens.embeddings else None
-        return _Batch(x, rope, units, x, rope, fold=bb._fuses(x), given=given)
+        return _Batch(x.shape[:2], rope, units, x, rope, fold=bb._fuses(x), given=given)
 
     def _route(self, b: _Batch) -> tuple[Tensor, Tensor | None, PrefixKeys | None]:
         """Route batch b at its step (the forward's compact loop): its step input, rotary table
@@ -168,17 +173,25 @@ class DepthwiseBatcher:
         route = router.route(r, b.h, units, b.live, b.carry, b.scores, fused=b.fold)
         b.scores = None
         gate, trace_gate = StepGate.of(route, b.fold)
-        competed, h_in, rope_in, taken, keys = b.where, b.h, b.h_rope, None, None
+        competed, taken, keys = b.where, None, None
         if route.index is None:  # every unit of the working set takes the step
             b.carry = route.carry
+            if b.where is None:  # the working set is the sequence: the step writes a new one
+                b.stream = None
+            elif b.stream is not None:  # the working set's rows live in the sequence
+                b.h, b.h_rope, _ = _rows_at(b.stream, b.rope, b.where)
+            h_in, rope_in = b.h, b.h_rope
         else:
             index, L = units.rows_of(route.index)
             b.carry = router.gather_carry(route.carry, route.index)
             b.live = route.taken
-            b.where = _positions(b.where, index, L, units)
-            h_in = gather_blocks(b.h, index, L)
-            rope_in = None if b.h_rope is None else gather_blocks(b.h_rope, index, L)
-            b.levels.append((b.h, index, L))
+            if b.stream is not None:  # straight from the sequence, with their positions
+                h_in, rope_in, b.where = _rows_at(b.stream, b.rope, b.where, index, L, units)
+            else:
+                b.where = _positions(b.where, index, L, units)
+                h_in = gather_blocks(b.h, index, L)
+                rope_in = None if b.h_rope is None else gather_blocks(b.h_rope, index, L)
+                b.levels.append((b.h, index, L))
             b.units = units.kept(route.index.shape[1])
             gate = gate._replace(index=route.index)
             b.h_rope = rope_in
@@ -189,9 +202,8 @@ class DepthwiseBatcher:
             b.everyone_steps += 1
         else:
             b.chosen.append((b.where, taken))
-        N = b.x.shape[1]
-        b.traces.append(StepTrace.compact(N, competed, b.where, route.logits, trace_gate, taken,
-                                          units.broadcaster()))
+        b.traces.append(StepTrace.compact(b.shape[1], competed, b.where, route.logits, trace_gate,
+                                          taken, units.broadcaster()))
         b.pending = (h_in, gate, b.units, taken)
         return h_in, rope_in, keys
 
@@ -201,7 +213,7 @@ class DepthwiseBatcher:
         batch's output, or where merges are fused, its two terms (Block.forward's split)."""
         bb = self.backbone
         chunk = bb.plan.steps[0]
-        split = all(b.fold for b in self._flight)
+        split = any(b.fold for b in self._flight)
         last = len(chunk) - 1
         if len(inputs) == 1:
             h, rope, keys = inputs[0]
@@ -236,15 +248,18 @@ class DepthwiseBatcher:
         h_in, gate, units, taken = b.pending
         b.pending = None
         b.step += 1
-        # Without a router, h <- f(h); segments found by id take the unfused merge.
-        if isinstance(out, tuple) and (gate is None or units.segment_ids is not None):
+        # Without a router, h <- f(h); batches without fused merges and segments found by id
+        # take the unfused merge.
+        if isinstance(out, tuple) and (gate is None or not b.fold or units.segment_ids is not None):
             out = out[0] + out[1]
         if gate is None:
             b.h = out
             return
         R = len(bb.plan.steps)
         nxt = bb.router.score_weight(b.step) if isinstance(out, tuple) and b.step < R else None
-        b.h, b.scores = bb.merge_step(units, h_in, out, gate, nxt, taken=taken)
+        b.h, b.scores = bb.merge_step(units, h_in, out, gate, nxt, b.stream, b.where, taken)
+        if b.stream is None and b.fold and b.where is None and bb.rows_stay_after(b.step - 1):
+            b.stream = b.h  # this batch's own (B, N, D) tensor
 
     def _finish(self, b: _Batch) -> BackboneOutput:
         bb = self.backbone
@@ -252,7 +267,7 @@ class DepthwiseBatcher:
         for parent, index, L in reversed(b.levels):
             # In place: every parent but the caller's embeddings is this batch's own tensor.
             h = scatter_blocks(parent, index, h, L, inplace=parent is not b.given)
-        B, N, _ = b.x.shape
+        B, N = b.shape
         if bb.router is None:  # as the forward's plain loop reports its steps
             everyone = torch.ones(B, N, dtype=torch.bool, device=h.device)
             traces = [StepTrace(everyone, None, None) for _ in bb.plan.steps]

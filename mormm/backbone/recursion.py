@@ -217,9 +217,7 @@ class MoRBackbone(nn.Module):
                     h, h_rope, _ = _rows_at(stream, rope, where)
                 h, scores = self._update(r, chunk, set_units, h, h_rope, shared_kv, None, gate,
                                          fuse, nxt, stream, where)
-                if (stream is None and fuse and where is None
-                        and all(weights[j] is not None or not self.router.reads_hidden(j)
-                                for j in range(r + 1, R))):
+                if stream is None and fuse and where is None and self.rows_stay_after(r):
                     stream = h  # this forward's own (B, N, D) tensor
             else:
                 # The kept units' rows: whole blocks of L rows by unit index (tokens: L = 1), or
@@ -294,6 +292,13 @@ class MoRBackbone(nn.Module):
             h, _ = self._layer(i, h, rope, key_valid, valid, r, j, shared_kv,
                                split and j == len(chunk) - 1)
         return h
+
+    def rows_stay_after(self, r: int) -> bool:
+        """Whether the steps after step r can keep their working set's rows in the sequence
+        under fused merges: each one's scores come out of the previous merge or it needs none
+        (it routes by its carry alone)."""
+        return all(self.router.score_weight(j) is not None or not self.router.reads_hidden(j)
+                   for j in range(r + 1, len(self.plan.steps)))
 
     def _fuses(self, x: Tensor) -> bool:
         """Whether this forward's routed steps end in fused.merge_rows (and, eager, run their
