@@ -6,8 +6,9 @@ bias updates after optimizer steps, depth statistics for logging, compile) lives
 
 from __future__ import annotations
 
+import logging
 import math
-from collections import deque
+from collections import Counter, deque
 
 import lightning as L
 import torch
@@ -26,6 +27,8 @@ from mormm.backbone import (BackboneOutput, DepthwiseBatcher, MoRBackbone, compi
 from mormm.heads import Pooling
 from mormm.model import ClassifierOutput, MoRClassifier
 from mormm.uptrain import UptrainInit, uptrain
+
+log = logging.getLogger(__name__)
 
 
 def depth_stats(out: BackboneOutput, num_layers: int, plan) -> dict[str, Tensor]:
@@ -80,7 +83,9 @@ class MoRModule(L.LightningModule):
                    mormm.backbone.DepthwiseBatcher: N_r batches in flight, each shared layer
                    called once for all of them (their predictions are the forward's). Eager
                    throughput on short clips, where the host's launches set the pace
-                   (benchmarks/README.md); unpadded clips, and not with `compile`.
+                   (benchmarks/README.md); not with `compile`. Batches the pipeline cannot
+                   take (padded clips, threshold inference) run through the forward alone,
+                   counted and reported when the run ends.
     """
 
     def __init__(
@@ -131,9 +136,12 @@ class MoRModule(L.LightningModule):
         # Token-choice load of each micro-batch since the last optimizer step (averaged for the
         # loss-free bias update, so gradient accumulation sees the whole effective batch).
         self._loads: list[Tensor] = []
-        # model.depthwise: the batcher of this predict run, and its batches still in flight.
+        # model.depthwise: the batcher of this predict run, its batches still in flight, and
+        # the batches it could not take (run alone) by reason, of how many.
         self._batcher: DepthwiseBatcher | None = None
         self._in_flight: deque[tuple[dict, Tokens]] = deque()
+        self._alone: Counter[str] = Counter()
+        self._batches = 0
 
     @property
     def backbone(self) -> MoRBackbone:
@@ -267,13 +275,20 @@ class MoRModule(L.LightningModule):
     def on_predict_start(self) -> None:
         if self.hparams.depthwise:
             self._batcher, self._in_flight = DepthwiseBatcher(self.backbone), deque()
+            self._alone, self._batches = Counter(), 0
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         """The predictions of this batch; with model.depthwise, of the batch that left the
-        pipeline in this step (None while it fills; `flush_predictions` gives the rest)."""
+        pipeline in this step (None while it fills; `flush_predictions` gives the rest), or of
+        this batch where the pipeline cannot take it (it runs alone, records carry their keys)."""
         if self._batcher is None:
             return self._prediction(batch, self(batch))
         tokens = self.model.prepare(batch)
+        self._batches += 1
+        why = self._batcher.refusal(tokens)
+        if why is not None:
+            self._alone[why] += 1
+            return self._prediction(batch, self.model.classify(tokens, self.backbone(tokens)))
         self._in_flight.append((batch, tokens))
         out = self._batcher(tokens)
         return None if out is None else self._prediction(*self._leave(out))
@@ -284,6 +299,10 @@ class MoRModule(L.LightningModule):
             return []
         outs = [self._prediction(*self._leave(out)) for out in self._batcher.flush()]
         self._batcher = None
+        for why, n in self._alone.items():
+            log.warning("model.depthwise: %d of %d batches ran through the forward alone, not the "
+                        "pipeline: %s. It takes unpadded clips routed by top-k (audio: "
+                        "--data.clip_seconds crops clips to one length)", n, self._batches, why)
         return outs
 
     def _leave(self, out: BackboneOutput) -> tuple[dict, ClassifierOutput]:

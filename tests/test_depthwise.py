@@ -124,6 +124,8 @@ def test_backbones_it_cannot_batch_are_named(make, match):
 def test_batches_and_modes_it_cannot_run_are_named():
     backbone = _backbone(router="ec")
     batcher = DepthwiseBatcher(backbone)
+    assert batcher.refusal(random_tokens(2, 12, 32)) is None
+    assert "padded" in batcher.refusal(random_tokens(2, 12, 32, lengths=[12, 9]))
     with torch.no_grad(), pytest.raises(ValueError, match="padded"):
         batcher(random_tokens(2, 12, 32, lengths=[12, 9]))
     threshold = DepthwiseBatcher(_backbone(router="ec", inference="threshold"))

@@ -4,6 +4,7 @@ loss-free balancing bias."""
 
 import copy
 import csv
+import logging
 import sys
 from pathlib import Path
 
@@ -283,3 +284,48 @@ def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
     metrics = cli.trainer.callback_metrics
     assert 0.0 <= float(metrics["val/mAP"]) <= 1.0 and 0.0 <= float(metrics["val/acc"]) <= 1.0
     assert torch.isfinite(metrics["train/loss"])
+
+
+def test_depthwise_predict_runs_the_batches_it_cannot_take_alone_and_counts_them(caplog):
+    """model.depthwise over batches of whole clips with padded ones (clips of different lengths)
+    among them: the padded batches run through the forward alone, the rest through the pipeline;
+    every clip gets the forward's prediction, and the run's end reports how many ran alone."""
+    from helpers import randomize_router
+
+    from encoders import AudioTokenizer
+    from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone
+
+    torch.manual_seed(0)
+    config = BackboneConfig(dim=32, num_heads=2, num_layers=4, num_recursions=2,
+                            sharing="middle_cycle", rope_axes=2)
+    backbone = MoRBackbone(config, ExpertChoiceRouter())
+    randomize_router(backbone)
+    tokenizer = AudioTokenizer(dim=32, n_mels=32, layout="frames", frames_per_token=5)
+    module = MoRModule(tokenizer, backbone, num_classes=4, depthwise=True).eval()
+    S = 16000
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for i, lengths in enumerate([None, (S, S // 2), None, None, (S // 3, S), None]):
+        batch = {"audio": torch.randn(2, S, generator=g), "key": [f"{i}.{j}" for j in range(2)]}
+        if lengths is not None:
+            batch["audio_lengths"] = torch.tensor(lengths)
+        batches.append(batch)
+    module.on_predict_start()
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="mormm.lit"):
+        expected = [module._prediction(b, module(b)) for b in batches]
+        got = [module.predict_step(b, i) for i, b in enumerate(batches)]
+        # the padded batches come back at once, the others one step late (N_r = 2)
+        assert [p and p["key"] for p in got] == [None, ["1.0", "1.1"], ["0.0", "0.1"],
+                                                 ["2.0", "2.1"], ["4.0", "4.1"], ["3.0", "3.1"]]
+        got = [p for p in got if p is not None] + module.flush_predictions()
+    by_key = {p["key"][0]: p for p in got}
+    assert sorted(by_key) == sorted(p["key"][0] for p in expected)
+    for e in expected:
+        p = by_key[e["key"][0]]
+        assert p["key"] == e["key"]
+        torch.testing.assert_close(p["probs"], e["probs"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(p["depth"], e["depth"]) and torch.equal(p["content"], e["content"])
+    assert sum(bool(p["content"].logical_not().any()) for p in expected) == 2  # padding there
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("model.depthwise: 2 of 6 batches ran through the forward alone, "
+                              "not the pipeline: its clips are padded (Tokens.padding_mask)")

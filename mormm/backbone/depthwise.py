@@ -84,7 +84,8 @@ class DepthwiseBatcher:
 
     `batcher(tokens)` admits one batch and returns the output of the batch that finished in
     that call (None while the pipeline fills); `flush()` finishes the batches still in flight.
-    Batches may differ in size and length.
+    Batches may differ in size and length; `refusal(tokens)` says why one cannot enter (run
+    it through the backbone alone).
     """
 
     def __init__(self, backbone: MoRBackbone) -> None:
@@ -147,17 +148,23 @@ class DepthwiseBatcher:
                 "DepthwiseBatcher runs inference only; call it under torch.inference_mode() or "
                 "torch.no_grad()")
 
-    def _admit(self, tokens: Tokens) -> _Batch:
+    def refusal(self, tokens: Tokens) -> str | None:
+        """Why this batch cannot enter the pipeline (None: it can): the batcher runs the
+        forward's compact loop, which takes unpadded clips routed by top-k."""
         bb = self.backbone
-        units = None if bb.router is None else bb._units(tokens)
-        why = None
         if tokens.padding_mask is not None:
-            why = "its clips are padded (Tokens.padding_mask)"
-        elif units is not None and not bb.router.compact(units):
-            why = f"the router's inference={bb.router.inference!r} is not 'topk'"
+            return "its clips are padded (Tokens.padding_mask)"
+        if bb.router is not None and not bb.router.compact(bb._units(tokens)):
+            return f"the router's inference={bb.router.inference!r} is not 'topk'"
+        return None
+
+    def _admit(self, tokens: Tokens) -> _Batch:
+        why = self.refusal(tokens)
         if why is not None:
             raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
-                             f"the backbone alone (mormm predict: --model.depthwise false)")
+                             "the backbone alone (check first with DepthwiseBatcher.refusal)")
+        bb = self.backbone
+        units = None if bb.router is None else bb._units(tokens)
         x, rope = bb.enter(tokens)
         given = x if x is tokens.embeddings else None
         return _Batch(x.shape[:2], rope, units, x, rope, fold=bb._fuses(x), given=given)
