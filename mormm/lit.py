@@ -293,16 +293,24 @@ class MoRModule(L.LightningModule):
         out = self._batcher(tokens)
         return None if out is None else self._prediction(*self._leave(out))
 
-    def flush_predictions(self) -> list[dict]:
-        """model.depthwise: the predictions of the batches still in flight, oldest first."""
-        if self._batcher is None:
-            return []
-        outs = [self._prediction(*self._leave(out)) for out in self._batcher.flush()]
-        self._batcher = None
+    def on_predict_epoch_end(self) -> None:
         for why, n in self._alone.items():
             log.warning("model.depthwise: %d of %d batches ran through the forward alone, not the "
                         "pipeline: %s. It takes unpadded clips routed by top-k (audio: "
                         "--data.clip_seconds crops clips to one length)", n, self._batches, why)
+        # Callbacks ran first: mormm predict's PredictionWriter has flushed the pipeline.
+        if self._batcher is not None and self._batcher.in_flight:
+            log.warning("model.depthwise: %d batches were still in flight when the data ran out "
+                        "and no PredictionWriter (mormm.predict) wrote them: their predictions "
+                        "are what flush_predictions() returns", self._batcher.in_flight)
+
+    def flush_predictions(self) -> list[dict]:
+        """model.depthwise: the predictions of the batches still in flight, oldest first."""
+        if self._batcher is None:
+            return []
+        with torch.inference_mode():  # also when called after trainer.predict returned
+            outs = [self._prediction(*self._leave(out)) for out in self._batcher.flush()]
+        self._batcher = None
         return outs
 
     def _leave(self, out: BackboneOutput) -> tuple[dict, ClassifierOutput]:

@@ -286,10 +286,8 @@ def test_multi_label_fit_trains_with_bce_and_reports_map(tmp_path: Path):
     assert torch.isfinite(metrics["train/loss"])
 
 
-def test_depthwise_predict_runs_the_batches_it_cannot_take_alone_and_counts_them(caplog):
-    """model.depthwise over batches of whole clips with padded ones (clips of different lengths)
-    among them: the padded batches run through the forward alone, the rest through the pipeline;
-    every clip gets the forward's prediction, and the run's end reports how many ran alone."""
+def _depthwise_module() -> MoRModule:
+    """A small audio model (N_r = 2, expert-choice) with model.depthwise on."""
     from helpers import randomize_router
 
     from encoders import AudioTokenizer
@@ -301,15 +299,29 @@ def test_depthwise_predict_runs_the_batches_it_cannot_take_alone_and_counts_them
     backbone = MoRBackbone(config, ExpertChoiceRouter())
     randomize_router(backbone)
     tokenizer = AudioTokenizer(dim=32, n_mels=32, layout="frames", frames_per_token=5)
-    module = MoRModule(tokenizer, backbone, num_classes=4, depthwise=True).eval()
+    return MoRModule(tokenizer, backbone, num_classes=4, depthwise=True).eval()
+
+
+def _audio_batches(lengths: list) -> list[dict]:
+    """Batches of two 1 s clips, padded where `lengths` gives the clips' lengths."""
     S = 16000
     g = torch.Generator().manual_seed(1)
     batches = []
-    for i, lengths in enumerate([None, (S, S // 2), None, None, (S // 3, S), None]):
+    for i, n in enumerate(lengths):
         batch = {"audio": torch.randn(2, S, generator=g), "key": [f"{i}.{j}" for j in range(2)]}
-        if lengths is not None:
-            batch["audio_lengths"] = torch.tensor(lengths)
+        if n is not None:
+            batch["audio_lengths"] = torch.tensor(n)
         batches.append(batch)
+    return batches
+
+
+def test_depthwise_predict_runs_the_batches_it_cannot_take_alone_and_counts_them(caplog):
+    """model.depthwise over batches of whole clips with padded ones (clips of different lengths)
+    among them: the padded batches run through the forward alone, the rest through the pipeline;
+    every clip gets the forward's prediction, and the run's end reports how many ran alone."""
+    module = _depthwise_module()
+    S = 16000
+    batches = _audio_batches([None, (S, S // 2), None, None, (S // 3, S), None])
     module.on_predict_start()
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="mormm.lit"):
         expected = [module._prediction(b, module(b)) for b in batches]
@@ -318,6 +330,7 @@ def test_depthwise_predict_runs_the_batches_it_cannot_take_alone_and_counts_them
         assert [p and p["key"] for p in got] == [None, ["1.0", "1.1"], ["0.0", "0.1"],
                                                  ["2.0", "2.1"], ["4.0", "4.1"], ["3.0", "3.1"]]
         got = [p for p in got if p is not None] + module.flush_predictions()
+        module.on_predict_epoch_end()  # as Lightning calls them: the writer's flush first
     by_key = {p["key"][0]: p for p in got}
     assert sorted(by_key) == sorted(p["key"][0] for p in expected)
     for e in expected:
@@ -326,6 +339,25 @@ def test_depthwise_predict_runs_the_batches_it_cannot_take_alone_and_counts_them
         torch.testing.assert_close(p["probs"], e["probs"], atol=1e-5, rtol=1e-5)
         assert torch.equal(p["depth"], e["depth"]) and torch.equal(p["content"], e["content"])
     assert sum(bool(p["content"].logical_not().any()) for p in expected) == 2  # padding there
-    (message,) = [r.getMessage() for r in caplog.records]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
     assert message.startswith("model.depthwise: 2 of 6 batches ran through the forward alone, "
                               "not the pipeline: its clips are padded (Tokens.padding_mask)")
+
+
+def test_depthwise_predict_without_the_prediction_writer_says_where_the_last_batches_are(
+        caplog, tmp_path: Path):
+    """trainer.predict with model.depthwise and no PredictionWriter: the batches still in flight
+    when the data ran out are reported, and flush_predictions() returns them."""
+    import lightning as L
+
+    module = _depthwise_module()
+    batches = _audio_batches([None] * 3)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with caplog.at_level(logging.WARNING, logger="mormm.lit"):
+        returned = trainer.predict(module, loader)
+    assert [p and p["key"] for p in returned] == [None, ["0.0", "0.1"], ["1.0", "1.1"]]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
+    assert message.startswith("model.depthwise: 1 batches were still in flight")
+    assert [p["key"] for p in module.flush_predictions()] == [["2.0", "2.1"]]
