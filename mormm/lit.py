@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, deque
+from contextlib import nullcontext
 
 import lightning as L
 import torch
@@ -308,7 +309,12 @@ class MoRModule(L.LightningModule):
         """model.depthwise: the predictions of the batches still in flight, oldest first."""
         if self._batcher is None:
             return []
-        with torch.inference_mode():  # also when called after trainer.predict returned
+        # The steps left run outside predict_step: under the run's precision (its autocast)
+        # as the others did, and in inference mode also after trainer.predict returned.
+        trainer = self._trainer
+        precision = (nullcontext() if trainer is None
+                     else trainer.precision_plugin.predict_step_context())
+        with torch.inference_mode(), precision:
             outs = [self._prediction(*self._leave(out)) for out in self._batcher.flush()]
         self._batcher = None
         return outs

@@ -4,6 +4,7 @@ loss-free balancing bias."""
 
 import copy
 import csv
+import json
 import logging
 import sys
 from pathlib import Path
@@ -361,3 +362,29 @@ def test_depthwise_predict_without_the_prediction_writer_says_where_the_last_bat
     (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
     assert message.startswith("model.depthwise: 1 batches were still in flight")
     assert [p["key"] for p in module.flush_predictions()] == [["2.0", "2.1"]]
+
+
+def test_depthwise_predict_flushes_the_last_batches_under_the_runs_precision(tmp_path: Path,
+                                                                            monkeypatch):
+    """precision bf16-mixed: the batches the PredictionWriter flushes after the data ran out
+    (outside predict_step, where Lightning enters autocast) take their last steps under the
+    run's autocast too, as the others did."""
+    import lightning as L
+
+    from mormm.backbone import DepthwiseBatcher
+    from mormm.predict import PredictionWriter
+
+    module = _depthwise_module()
+    autocast = []
+    real = DepthwiseBatcher.__call__
+    monkeypatch.setattr(DepthwiseBatcher, "__call__", lambda self, tokens=None: autocast.append(
+        torch.is_autocast_enabled("cpu")) or real(self, tokens))
+    out = tmp_path / "predictions.jsonl"
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[PredictionWriter(str(out))])
+    trainer.predict(module, torch.utils.data.DataLoader(_audio_batches([None] * 3),
+                                                        batch_size=None))
+    assert autocast == [True] * 4  # three batches admitted, one call to finish the last
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    assert keys == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
