@@ -301,9 +301,10 @@ class MoRModule(L.LightningModule):
                         "--data.clip_seconds crops clips to one length)", n, self._batches, why)
         # Callbacks ran first: mormm predict's PredictionWriter has flushed the pipeline.
         if self._batcher is not None and self._batcher.in_flight:
-            log.warning("model.depthwise: %d batches were still in flight when the data ran out "
-                        "and no PredictionWriter (mormm.predict) wrote them: their predictions "
-                        "are what flush_predictions() returns", self._batcher.in_flight)
+            log.warning("model.depthwise: the data ran out with %d batch(es) still in flight "
+                        "and no PredictionWriter (mormm.predict) to write them: their "
+                        "predictions are what flush_predictions() returns",
+                        self._batcher.in_flight)
 
     def flush_predictions(self) -> list[dict]:
         """model.depthwise: the predictions of the batches still in flight, oldest first."""

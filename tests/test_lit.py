@@ -360,7 +360,8 @@ def test_depthwise_predict_without_the_prediction_writer_says_where_the_last_bat
         returned = trainer.predict(module, loader)
     assert [p and p["key"] for p in returned] == [None, ["0.0", "0.1"], ["1.0", "1.1"]]
     (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
-    assert message.startswith("model.depthwise: 1 batches were still in flight")
+    assert message.startswith("model.depthwise: the data ran out with 1 batch(es) still in "
+                              "flight")
     assert [p["key"] for p in module.flush_predictions()] == [["2.0", "2.1"]]
 
 
