@@ -1,6 +1,6 @@
 """MoRModule checkpoints written by `mormm fit`: save -> load gives the same predictions, and
 `fit --ckpt_path` resumes the step count, the optimizer state and the token-choice router's
-loss-free balancing bias."""
+loss-free balancing bias; with model.depthwise, predict around what the pipeline cannot take."""
 
 import copy
 import csv
