@@ -151,20 +151,25 @@ class DepthwiseBatcher:
     def refusal(self, tokens: Tokens) -> str | None:
         """Why this batch cannot enter the pipeline (None: it can): the batcher runs the
         forward's compact loop, which takes unpadded clips routed by top-k."""
+        return self._refused(tokens)[0]
+
+    def _refused(self, tokens: Tokens) -> tuple[str | None, Units | None]:
+        """refusal(tokens) and the routing units it judged by (None without a router or when
+        padded): built once per admitted batch (segments found by id cost launches)."""
         bb = self.backbone
         if tokens.padding_mask is not None:
-            return "its clips are padded (Tokens.padding_mask)"
-        if bb.router is not None and not bb.router.compact(bb._units(tokens)):
-            return f"the router's inference={bb.router.inference!r} is not 'topk'"
-        return None
+            return "its clips are padded (Tokens.padding_mask)", None
+        units = None if bb.router is None else bb._units(tokens)
+        if units is not None and not bb.router.compact(units):
+            return f"the router's inference={bb.router.inference!r} is not 'topk'", units
+        return None, units
 
     def _admit(self, tokens: Tokens) -> _Batch:
-        why = self.refusal(tokens)
+        why, units = self._refused(tokens)
         if why is not None:
             raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
                              "the backbone alone (check first with DepthwiseBatcher.refusal)")
         bb = self.backbone
-        units = None if bb.router is None else bb._units(tokens)
         x, rope = bb.enter(tokens)
         given = x if x is tokens.embeddings else None
         return _Batch(x.shape[:2], rope, units, x, rope, fold=bb._fuses(x), given=given)
