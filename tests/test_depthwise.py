@@ -139,6 +139,29 @@ def test_batches_and_modes_it_cannot_run_are_named():
     assert batcher.in_flight == 0  # nothing was admitted by the failed calls
 
 
+def test_a_batch_checked_with_refusal_builds_its_routing_units_once(monkeypatch):
+    """refusal(tokens) then batcher(tokens), as mormm predict and evaluation call them: the
+    batch's routing units are built once (segments found by id cost launches); a batch other
+    than the one checked gets its own, and a refused one still cannot enter."""
+    backbone = _backbone(router="ec", unit="segment")
+    built = []
+    real = MoRBackbone._units
+    monkeypatch.setattr(MoRBackbone, "_units", lambda self, t: built.append(t) or real(self, t))
+    batcher = DepthwiseBatcher(backbone)
+    a, b = _stream(segments=4)[:2]
+    padded = random_tokens(2, 12, 32, lengths=[12, 9])
+    with torch.no_grad():
+        assert batcher.refusal(a) is None
+        batcher(a)
+        assert built == [a]
+        assert batcher.refusal(a) is None
+        batcher(b)  # not the batch checked
+        assert built == [a, a, b]
+        assert "padded" in batcher.refusal(padded)
+        with pytest.raises(ValueError, match="padded"):
+            batcher(padded)
+
+
 def test_packed_rows_give_every_sequence_its_offsets():
     """The offsets flash varlen reads on CUDA: b sequences of n rows per group, end to end."""
     keys = PackedRows.of(((2, 3), (1, 5), (3, 1)), torch.device("cpu"))

@@ -103,6 +103,7 @@ class DepthwiseBatcher:
         self.backbone = backbone
         self._flight: list[_Batch] = []  # newest first: _flight[i] is at step i (while full)
         self._packs: dict = {}  # PackedRows per layout of the batches in flight
+        self._checked: tuple | None = None  # (tokens, why, units) of the last `refusal`
 
     @property
     def in_flight(self) -> int:
@@ -151,11 +152,16 @@ class DepthwiseBatcher:
     def refusal(self, tokens: Tokens) -> str | None:
         """Why this batch cannot enter the pipeline (None: it can): the batcher runs the
         forward's compact loop, which takes unpadded clips routed by top-k."""
-        return self._refused(tokens)[0]
+        self._checked = (tokens, *self._refused(tokens))
+        return self._checked[1]
 
     def _refused(self, tokens: Tokens) -> tuple[str | None, Units | None]:
         """refusal(tokens) and the routing units it judged by (None without a router or when
-        padded): built once per admitted batch (segments found by id cost launches)."""
+        padded): built once per admitted batch, also when the caller asked `refusal` first
+        (segments found by id cost launches)."""
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] is tokens:
+            return checked[1:]
         bb = self.backbone
         if tokens.padding_mask is not None:
             return "its clips are padded (Tokens.padding_mask)", None
