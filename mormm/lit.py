@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import Counter, deque
 from contextlib import nullcontext
 
@@ -80,13 +81,14 @@ class MoRModule(L.LightningModule):
                    come from mormm.backbone.compile_options (pointwise autotuning off).
     init_from:     uptraining source (mormm.uptrain.UptrainInit), applied when a fit starts
                    from scratch (not on resume, validate, test or predict).
-    depthwise:     `mormm predict` runs the backbone over the stream of batches through
-                   mormm.backbone.DepthwiseBatcher: N_r batches in flight, each shared layer
-                   called once for all of them (their predictions are the forward's). Eager
-                   throughput on short clips, where the host's launches set the pace
-                   (benchmarks/README.md); not with `compile`. Batches the pipeline cannot
-                   take (padded clips, threshold inference) run through the forward alone,
-                   counted and reported when the run ends.
+    depthwise:     `mormm validate/test/predict` (and validation in `mormm fit`) run the
+                   backbone over the stream of batches through mormm.backbone.DepthwiseBatcher:
+                   N_r batches in flight, each shared layer called once for all of them (their
+                   outputs are the forward's). Eager throughput on short clips, where the host's
+                   launches set the pace (benchmarks/README.md); not with `compile`. Batches the
+                   pipeline cannot take (padded clips, threshold inference) run through the
+                   forward alone, counted and reported when the run ends. Evaluation takes one
+                   dataloader.
     """
 
     def __init__(
@@ -137,8 +139,8 @@ class MoRModule(L.LightningModule):
         # Token-choice load of each micro-batch since the last optimizer step (averaged for the
         # loss-free bias update, so gradient accumulation sees the whole effective batch).
         self._loads: list[Tensor] = []
-        # model.depthwise: the batcher of this predict run, its batches still in flight, and
-        # the batches it could not take (run alone) by reason, of how many.
+        # model.depthwise: the batcher of this evaluation or predict run, its batches still in
+        # flight, and the batches it could not take (run alone) by reason, of how many.
         self._batcher: DepthwiseBatcher | None = None
         self._in_flight: deque[tuple[dict, Tokens]] = deque()
         self._alone: Counter[str] = Counter()
@@ -256,8 +258,22 @@ class MoRModule(L.LightningModule):
                 load = self.all_gather(load).float().mean(0)
             router.after_optimizer_step({"load": load})
 
-    def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> None:
-        out = self(batch)
+    def _eval_step(self, batch: dict, dataloader_idx: int, stage: str,
+                   metrics: MetricCollection) -> None:
+        if self._batcher is None:
+            return self._evaluate(batch, self(batch), stage, metrics)
+        if dataloader_idx:  # the pipeline would carry one loader's batches into the next's logs
+            raise ValueError(f"model.depthwise evaluates one dataloader at a time; this {stage} "
+                             f"run has more (dataloader_idx={dataloader_idx}): run them one by "
+                             f"one or set model.depthwise false")
+        # Lightning's fetcher looks one batch ahead (also past limit_*_batches): the last batch
+        # takes the pipeline's remaining steps, so every batch is logged from its own hook.
+        last = self.trainer._evaluation_loop.batch_progress.is_last_batch  # private in 2.6
+        for batch, out in self._pipeline(batch, last):
+            self._evaluate(batch, out, stage, metrics)
+
+    def _evaluate(self, batch: dict, out: ClassifierOutput, stage: str,
+                  metrics: MetricCollection) -> None:
         logits = self._clip_logits(out.logits, batch)
         label = batch["label"]
         B = len(label)
@@ -267,16 +283,57 @@ class MoRModule(L.LightningModule):
         self.log_dict(metrics, batch_size=B, prog_bar=stage == "val")
         self._log_depth(out.backbone, stage, B)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val", self.val_metrics)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_metrics)
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test", self.test_metrics)
 
-    def on_predict_start(self) -> None:
+    # -- model.depthwise: a stream of batches through DepthwiseBatcher --------------------------
+
+    def _start_pipeline(self) -> None:
         if self.hparams.depthwise:
             self._batcher, self._in_flight = DepthwiseBatcher(self.backbone), deque()
             self._alone, self._batches = Counter(), 0
+
+    def _report_alone(self) -> None:
+        for why, n in self._alone.items():
+            log.warning("model.depthwise: %d of %d batches ran through the forward alone, not the "
+                        "pipeline: %s. It takes unpadded clips routed by top-k (audio: "
+                        "--data.clip_seconds crops clips to one length)", n, self._batches, why)
+
+    def _end_evaluation(self) -> None:
+        self._report_alone()
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None and batcher.in_flight:  # the last batch flushes it: not reached
+            raise RuntimeError(f"model.depthwise: the evaluation ended with {batcher.in_flight} "
+                               f"batch(es) in flight, unlogged")
+
+    on_validation_start = on_test_start = _start_pipeline
+
+    def on_predict_start(self) -> None:
+        self._start_pipeline()
+        if self._batcher is not None:  # None is how a filling pipeline's steps answer
+            warnings.filterwarnings("ignore", message="predict returned None")
+    on_validation_end = on_test_end = _end_evaluation
+
+    def _pipeline(self, batch: dict, last: bool = False) -> list[tuple[dict, ClassifierOutput]]:
+        """Admit this batch; the batches that leave the pipeline in this call with their
+        outputs, oldest first: none while it fills, this one alone where the pipeline cannot
+        take it, and with `last` every batch still in flight."""
+        tokens = self.model.prepare(batch)
+        self._batches += 1
+        why = self._batcher.refusal(tokens)
+        if why is not None:
+            self._alone[why] += 1
+            done = [(batch, self.model.classify(tokens, self.backbone(tokens)))]
+        else:
+            self._in_flight.append((batch, tokens))
+            out = self._batcher(tokens)
+            done = [] if out is None else [self._leave(out)]
+        if last:
+            done += [self._leave(out) for out in self._batcher.flush()]
+        return done
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         """The predictions of this batch; with model.depthwise, of the batch that left the
@@ -284,21 +341,11 @@ class MoRModule(L.LightningModule):
         this batch where the pipeline cannot take it (it runs alone, records carry their keys)."""
         if self._batcher is None:
             return self._prediction(batch, self(batch))
-        tokens = self.model.prepare(batch)
-        self._batches += 1
-        why = self._batcher.refusal(tokens)
-        if why is not None:
-            self._alone[why] += 1
-            return self._prediction(batch, self.model.classify(tokens, self.backbone(tokens)))
-        self._in_flight.append((batch, tokens))
-        out = self._batcher(tokens)
-        return None if out is None else self._prediction(*self._leave(out))
+        done = self._pipeline(batch)
+        return self._prediction(*done[0]) if done else None
 
     def on_predict_epoch_end(self) -> None:
-        for why, n in self._alone.items():
-            log.warning("model.depthwise: %d of %d batches ran through the forward alone, not the "
-                        "pipeline: %s. It takes unpadded clips routed by top-k (audio: "
-                        "--data.clip_seconds crops clips to one length)", n, self._batches, why)
+        self._report_alone()
         # Callbacks ran first: mormm predict's PredictionWriter has flushed the pipeline.
         if self._batcher is not None and self._batcher.in_flight:
             log.warning("model.depthwise: the data ran out with %d batch(es) still in flight "

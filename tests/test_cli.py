@@ -1,6 +1,7 @@
 """`mormm` end to end: predictions written per clip, clear user errors with exit code 2, and a
 two-process CPU (gloo) DDP `mormm fit`."""
 
+import csv
 import json
 import math
 import os
@@ -60,17 +61,23 @@ def test_predict_writes_class_probability_and_depth_per_clip(checkpoint: Path, t
         assert math.isclose(r["mean_depth"], sum(r["depth"]) / len(r["depth"]), abs_tol=1e-3)
 
 
-def test_depthwise_predict_writes_the_forwards_predictions(checkpoint: Path, tmp_path: Path,
-                                                           monkeypatch):
-    """--model.depthwise true (given with a checkpoint whose saved hyperparameters say false):
-    three batches through a pipeline of two (quickstart N_r = 2), the last one written after the
-    data ran out, as the batch-by-batch run writes them."""
+@pytest.fixture
+def batcher_calls(monkeypatch) -> list:
+    """The tokens of every DepthwiseBatcher call from here on (None: a step admitting none)."""
     from mormm.backbone import DepthwiseBatcher
 
     calls = []
     real = DepthwiseBatcher.__call__
     monkeypatch.setattr(DepthwiseBatcher, "__call__",
                         lambda self, tokens=None: calls.append(tokens) or real(self, tokens))
+    return calls
+
+
+def test_depthwise_predict_writes_the_forwards_predictions(checkpoint: Path, tmp_path: Path,
+                                                           batcher_calls: list):
+    """--model.depthwise true (given with a checkpoint whose saved hyperparameters say false):
+    three batches through a pipeline of two (quickstart N_r = 2), the last one written after the
+    data ran out, as the batch-by-batch run writes them."""
     records = {}
     for depthwise in ("false", "true"):
         out = tmp_path / depthwise
@@ -80,12 +87,35 @@ def test_depthwise_predict_writes_the_forwards_predictions(checkpoint: Path, tmp
         (file,) = out.glob("**/predictions.jsonl")
         records[depthwise] = [json.loads(line) for line in file.read_text().splitlines()]
         # three batches admitted, then one call that finishes the last (flush)
-        assert [t is None for t in calls] == ([False] * 3 + [True] if depthwise == "true" else [])
+        expected = [False] * 3 + [True] if depthwise == "true" else []
+        assert [t is None for t in batcher_calls] == expected
     plain, piped = records["false"], records["true"]
     assert len(piped) == len(plain) == 12
     for a, b in zip(plain, piped):
         assert (a["key"], a["class"], a["depth"]) == (b["key"], b["class"], b["depth"])
         assert math.isclose(a["probability"], b["probability"], abs_tol=1e-5)
+
+
+def test_depthwise_test_logs_the_forwards_metrics(checkpoint: Path, tmp_path: Path,
+                                                  batcher_calls: list):
+    """`mormm test --model.depthwise true`: three batches through the pipeline, the last one
+    finished in its own step, and the logged test metrics and depth statistics are those of the
+    batch-by-batch run."""
+    logged = {}
+    for depthwise in ("false", "true"):
+        out = tmp_path / depthwise
+        assert 0 == main(["test", "--config", QUICKSTART, *small(out), "--ckpt_path",
+                          str(checkpoint), "--trainer.limit_test_batches", "3",
+                          "--model.depthwise", depthwise])
+        (file,) = out.glob("**/metrics.csv")
+        with file.open() as f:
+            logged[depthwise] = {k: float(v) for row in csv.DictReader(f)
+                                 for k, v in row.items() if k.startswith("test/") and v}
+    assert [t is None for t in batcher_calls] == [False] * 3 + [True]
+    plain, piped = logged["false"], logged["true"]
+    assert {"test/acc", "test/loss", "test/depth/mean"} <= plain.keys() == piped.keys()
+    for k, v in plain.items():
+        assert math.isclose(piped[k], v, rel_tol=1e-5, abs_tol=1e-6), k
 
 
 # -- user errors: exit code 2 and one readable message, no traceback -----------------------------

@@ -1,12 +1,14 @@
 """MoRModule checkpoints written by `mormm fit`: save -> load gives the same predictions, and
 `fit --ckpt_path` resumes the step count, the optimizer state and the token-choice router's
-loss-free balancing bias; with model.depthwise, predict around what the pipeline cannot take."""
+loss-free balancing bias; with model.depthwise, predict, validate and test around what the
+pipeline cannot take, logging what the forward logs."""
 
 import copy
 import csv
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -356,8 +358,11 @@ def test_depthwise_predict_without_the_prediction_writer_says_where_the_last_bat
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    with caplog.at_level(logging.WARNING, logger="mormm.lit"):
+    with caplog.at_level(logging.WARNING, logger="mormm.lit"), warnings.catch_warnings(
+            record=True) as caught:
+        warnings.simplefilter("always")
         returned = trainer.predict(module, loader)
+    assert not [w for w in caught if "returned None" in str(w.message)]  # on purpose here
     assert [p and p["key"] for p in returned] == [None, ["0.0", "0.1"], ["1.0", "1.1"]]
     (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
     assert message.startswith("model.depthwise: the data ran out with 1 batch(es) still in "
@@ -389,3 +394,56 @@ def test_depthwise_predict_flushes_the_last_batches_under_the_runs_precision(tmp
     assert autocast == [True] * 4  # three batches admitted, one call to finish the last
     keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
     assert keys == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, caplog, limit):
+    """trainer.validate / trainer.test with model.depthwise: every batch of the stream is
+    logged, also those still in the pipeline when the data (or limit_*_batches) runs out, and
+    the epoch's loss, metrics and depth statistics are those of the forward, batch by batch;
+    padded batches run alone and are counted. More than one dataloader is refused by name."""
+    import lightning as L
+
+    from mormm.backbone import DepthwiseBatcher
+
+    S = 16000
+    batches = _audio_batches([None, None, (S, S // 2), None, None, None, (S // 3, S)])
+    for i, b in enumerate(batches):
+        b["label"] = torch.tensor([i % 4, (i + 1) % 4])
+    module = _depthwise_module()
+    plain = copy.deepcopy(module)
+    plain.hparams.depthwise = False
+    calls = []
+    real = DepthwiseBatcher.__call__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DepthwiseBatcher, "__call__",
+                   lambda self, tokens=None: calls.append(tokens is None) or real(self, tokens))
+
+        def run(stage, prefix, model):
+            trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path,
+                                **{f"limit_{prefix}_batches": limit})
+            loader = torch.utils.data.DataLoader(batches, batch_size=None)
+            with caplog.at_level(logging.WARNING, logger="mormm.lit"):
+                (metrics,) = getattr(trainer, stage)(model, loader)
+            return metrics
+
+        for stage in ("validate", "test"):
+            caplog.clear()
+            calls.clear()
+            prefix = "val" if stage == "validate" else "test"
+            got, expected = run(stage, prefix, module), run(stage, prefix, plain)
+            n = limit or len(batches)
+            admitted = sum(1 for b in batches[:n] if "audio_lengths" not in b)
+            assert calls == [False] * admitted + [True]  # N_r = 2: one step to finish the last
+            assert f"{prefix}/acc" in got and f"{prefix}/depth/mean" in got
+            assert got.keys() == expected.keys()
+            for k, v in expected.items():
+                assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+            (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
+            assert message.startswith(f"model.depthwise: {n - admitted} of {n} batches ran "
+                                      f"through the forward alone")
+    with pytest.raises(ValueError, match=r"one dataloader at a time.*dataloader_idx=1"):
+        two = [torch.utils.data.DataLoader(batches[:2], batch_size=None)] * 2
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).validate(module, two)
