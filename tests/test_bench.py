@@ -300,3 +300,23 @@ def test_train_stats_times_steps_with_and_without_the_statistics(tmp_path):
     assert set(rows) == {"image/vanilla", "image/mor_ec"}
     assert all(r["with"] > 0 and r["without"] > 0 for r in rows.values())
     assert "| image/mor_ec |" in out.stdout
+
+
+def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_path):
+    """benchmarks/eval_loop.py on the CPU's tiny width: Lightning's test loop timed per variant
+    and mode, and the depth-wise run's logged metrics checked against the batch-by-batch run's."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_loop.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--clips",
+                          "1:2", "--variants", "vanilla,mor_ec", "--batches", "3", "--reps", "1",
+                          "--out", str(tmp_path), "--name", "loop"],
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    rows = json.loads((tmp_path / "loop.json").read_text())["rows"]
+    assert [(r["variant"], r["mode"]) for r in rows] == [
+        ("vanilla", "eager"), ("mor_ec", "eager"), ("mor_ec", "depthwise")]
+    assert all(r["clips_per_s"] > 0 and len(r["times_s"]) == 1 for r in rows)
+    assert rows[0]["over_vanilla"] == 1.0
+    assert rows[2]["max_logged_diff"] is not None and rows[2]["max_logged_diff"] < 1e-5
+    assert "| 1 s | 2 | mor_ec | depthwise |" in out.stdout
