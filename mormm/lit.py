@@ -35,24 +35,56 @@ log = logging.getLogger(__name__)
 
 def depth_stats(out: BackboneOutput, num_layers: int, plan) -> dict[str, Tensor]:
     """Mean depth per step, fraction of tokens per depth, and the linear-FLOPs fraction of a
-    dense model with the same effective depth (tokens x layers actually processed)."""
+    dense model with the same effective depth (tokens x layers actually processed). Computed
+    for all steps and depths at once: evaluation pays these launches on every batch."""
     valid = out.valid
     n_valid = out.depth.numel() if valid is None else valid.sum().clamp(min=1)
-    stats: dict[str, Tensor] = {}
-    processed = float(len(plan.prelude) + len(plan.coda))
-    for r, step in enumerate(out.steps):
-        frac = step.selected.sum() / n_valid
-        stats[f"depth/selected_step{r}"] = frac
-        processed = processed + len(plan.steps[r]) * frac
-    for d in range(len(out.steps) + 1):
-        hit = out.depth == d
-        if valid is not None:
-            hit = hit & valid
-        stats[f"depth/fraction_depth{d}"] = hit.sum() / n_valid
-    mean_depth = out.depth.sum() / n_valid
-    stats["depth/mean"] = mean_depth
-    stats["flops_fraction"] = processed / num_layers
+    R = len(out.steps)
+    selected = torch.stack([step.selected for step in out.steps]).flatten(1).sum(1) / n_valid
+    hit = out.depth[..., None] == torch.arange(R + 1, device=out.depth.device)  # (B, N, R + 1)
+    if valid is not None:
+        hit &= valid[..., None]
+    fractions = hit.flatten(0, -2).sum(0) / n_valid
+    processed = len(plan.steps[0]) * selected.sum()  # every step runs as many layers
+    stats = {f"depth/selected_step{r}": f for r, f in enumerate(selected.unbind())}
+    stats.update({f"depth/fraction_depth{d}": f for d, f in enumerate(fractions.unbind())})
+    stats["depth/mean"] = out.depth.sum() / n_valid
+    stats["flops_fraction"] = (processed + len(plan.prelude) + len(plan.coda)) / num_layers
     return stats
+
+
+class EpochMeans:
+    """Scalars averaged over an evaluation epoch, each batch weighted by its size, across ranks:
+    what Lightning's on_epoch logging computes, summed on the device in two launches per batch
+    (a stack and an add) where `self.log` costs about four small ops and its Python per scalar
+    (18 scalars for expert-choice at N_r = 4: a step bound by the host pays for each)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.sums: Tensor | None = None
+        self.weight = 0
+
+    def add(self, values: dict[str, Tensor], weight: int) -> None:
+        if self.names is None:
+            self.names = list(values)
+        elif list(values) != self.names:
+            raise RuntimeError(f"EpochMeans: a batch gave {sorted(values)}, the epoch's first "
+                               f"gave {sorted(self.names)}")
+        stacked = torch.stack(list(values.values())).float()
+        if self.sums is None:
+            self.sums = stacked * weight
+        else:
+            self.sums.add_(stacked, alpha=weight)
+        self.weight += weight
+
+    def means(self, strategy) -> dict[str, Tensor]:
+        """The epoch's means over every rank's batches (`strategy`: the trainer's; each rank
+        must have added a batch, as for Lightning's sync_dist)."""
+        if self.sums is None:
+            return {}
+        total = torch.cat([self.sums, self.sums.new_tensor([self.weight])])
+        total = strategy.reduce(total, reduce_op="sum")
+        return dict(zip(self.names, total[:-1] / total[-1]))
 
 
 class MoRModule(L.LightningModule):
@@ -139,6 +171,8 @@ class MoRModule(L.LightningModule):
         # Token-choice load of each micro-batch since the last optimizer step (averaged for the
         # loss-free bias update, so gradient accumulation sees the whole effective batch).
         self._loads: list[Tensor] = []
+        # Evaluation's depth and router statistics, averaged over the epoch.
+        self._epoch_means = EpochMeans()
         # model.depthwise: the batcher of this evaluation or predict run, its batches still in
         # flight, and the batches it could not take (run alone) by reason, of how many.
         self._batcher: DepthwiseBatcher | None = None
@@ -219,13 +253,33 @@ class MoRModule(L.LightningModule):
         return connector is None or connector.should_update_logs
 
     def _log_depth(self, out: BackboneOutput, stage: str, batch_size: int) -> None:
+        """Training logs the depth and router statistics on_step; evaluation adds them to the
+        epoch's means, logged when the epoch ends."""
         stats = depth_stats(out, self.backbone.config.num_layers, self.backbone.plan)
         if self.backbone.router is not None:
             stats.update({f"router/{k}": v for k, v in
                           self.backbone.router.statistics(out.steps, out.valid).items()})
-        on_step = stage == "train"
-        self.log_dict({f"{stage}/{k}": v for k, v in stats.items()}, on_step=on_step,
-                      on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        if stage == "train":
+            self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True,
+                          on_epoch=False, batch_size=batch_size)
+        else:
+            self._epoch_means.add(stats, batch_size)
+
+    def _log_epoch_means(self, stage: str) -> None:
+        means = self._epoch_means.means(self.trainer.strategy)
+        self._epoch_means = EpochMeans()
+        self.log_dict({f"{stage}/{k}": v for k, v in means.items()})
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_means = EpochMeans()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
 
     # -- steps --------------------------------------------------------------------------------
 

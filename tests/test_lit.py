@@ -447,3 +447,86 @@ def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, c
         two = [torch.utils.data.DataLoader(batches[:2], batch_size=None)] * 2
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=tmp_path).validate(module, two)
+
+
+def test_evaluation_statistics_are_the_batches_means_weighted_by_size(tmp_path: Path):
+    """trainer.validate logs each depth and router statistic as the mean of its per-batch values
+    weighted by batch size (what Lightning's on_epoch logging gave), summed on the device."""
+    import lightning as L
+
+    from mormm.lit import depth_stats
+
+    module = _depthwise_module()
+    module.hparams.depthwise = False
+    S = 16000
+    batches = _audio_batches([None, (S, S // 2), None])
+    batches[2] = {k: v[:1] for k, v in batches[2].items()}  # B = 1
+    for i, b in enumerate(batches):
+        b["label"] = torch.arange(len(b["key"])) + i
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    (logged,) = trainer.validate(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    sums, sizes = {}, 0
+    with torch.inference_mode():
+        for b in batches:
+            out = module(b).backbone
+            stats = depth_stats(out, module.backbone.config.num_layers, module.backbone.plan)
+            stats.update({f"router/{k}": v for k, v in
+                          module.backbone.router.statistics(out.steps, out.valid).items()})
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(b["key"])
+            sizes += len(b["key"])
+    assert {k for k in logged if k.startswith(("val/depth", "val/router", "val/flops"))} == {
+        f"val/{k}" for k in sums}
+    for k, v in sums.items():
+        assert logged[f"val/{k}"] == pytest.approx(v / sizes, rel=1e-6), k
+
+
+@pytest.mark.parametrize("router", ["ec", "tc", None])
+def test_depth_and_router_statistics_follow_their_per_step_definitions(router):
+    """depth_stats and the expert-choice statistics, computed for every step at once, equal
+    their definitions step by step, on padded clips (padding counts nowhere)."""
+    from helpers import random_tokens, randomize_router
+
+    from mormm.backbone import (BackboneConfig, ExpertChoiceRouter, MoRBackbone,
+                                TokenChoiceRouter)
+    from mormm.lit import depth_stats
+
+    torch.manual_seed(0)
+    make = {"ec": ExpertChoiceRouter, "tc": TokenChoiceRouter, None: lambda: None}[router]
+    config = BackboneConfig(dim=32, num_heads=2, num_layers=10, num_recursions=4,
+                            sharing="middle_cycle")
+    backbone = MoRBackbone(config, make()).eval()
+    randomize_router(backbone)
+    with torch.no_grad():
+        out = backbone(random_tokens(3, 12, 32, lengths=[12, 7, 9]))
+    valid, depth, plan = out.valid, out.depth, backbone.plan
+    n = valid.sum()
+    expected, processed = {}, 2.0  # prelude and coda
+    for r, step in enumerate(out.steps):
+        expected[f"depth/selected_step{r}"] = step.selected.sum() / n
+        processed += len(plan.steps[r]) * step.selected.sum() / n
+    for d in range(len(out.steps) + 1):
+        expected[f"depth/fraction_depth{d}"] = ((depth == d) & valid).sum() / n
+    expected["depth/mean"] = depth.sum() / n
+    expected["flops_fraction"] = processed / 10
+    got = depth_stats(out, 10, plan)
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert float(got[k]) == pytest.approx(float(v), abs=1e-6), k
+    assert float(got["depth/fraction_depth0"]) == 0.0  # padding has depth 0 and is not counted
+    if router != "ec":
+        return
+    stats, competed = {}, valid
+    for r, step in enumerate(out.steps):
+        agree = ((step.logits > 0) == step.selected) & competed
+        stats[f"agreement/step{r}"] = agree.sum() / competed.sum()
+        if r:  # capacities below 1
+            rest = competed & ~step.selected
+            stats[f"separation/step{r}"] = (step.logits[step.selected].mean()
+                                            - step.logits[rest].mean())
+        competed = step.selected
+    got = backbone.router.statistics(out.steps, out.valid)
+    assert got.keys() == stats.keys()
+    for k, v in stats.items():
+        assert float(got[k]) == pytest.approx(float(v), abs=1e-6), k
