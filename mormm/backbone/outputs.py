@@ -18,13 +18,14 @@ class StepTrace:
     gate:     (B, N) float gate applied to the step's update (None without a router).
 
     A step routed over the backbone's compact working set knows only the tokens that competed
-    for it; its maps are built on first access (tokens that did not compete read logit and
-    gate 0), so an inference forward that never looks at them pays nothing for them.
+    for it; each of its maps is built on first access (tokens that did not compete read logit and
+    gate 0), so an inference forward that never looks at them pays nothing for them, and the
+    statistics that read selections and logits pay nothing for the gates.
     """
 
     def __init__(self, selected: Tensor, logits: Tensor | None, gate: Tensor | None) -> None:
-        self._maps: tuple | None = (selected, logits, gate)
-        self._build: Callable[[], tuple] | None = None
+        self._maps: list = [selected, logits, gate]
+        self._builds: tuple | None = None  # per map, what builds it (compact steps)
 
     @classmethod
     def compact(
@@ -37,28 +38,27 @@ class StepTrace:
         per token (B, M) or per unit, which `spread` takes to tokens; chosen (B, K) positions of
         the step's slots (None: all n) and taken (B, K) bool, which of those slots took the step
         (None: all)."""
+        B = logits.shape[0]
 
-        def build() -> tuple:
-            g = gate() if callable(gate) else gate
-            lg, g = (logits, g) if spread is None else (spread(logits), spread(g))
-            B = lg.shape[0]
+        def selected() -> Tensor:
             if chosen is None:
-                selected = torch.ones(B, n, dtype=torch.bool, device=lg.device)
-            else:
-                selected = torch.zeros(B, n, dtype=torch.bool, device=lg.device)
-                selected = selected.scatter(1, chosen, True if taken is None else taken)
-            if competed is None:
-                return selected, lg, g
-            place = lambda v: v.new_zeros(B, n).scatter(1, competed, v)  # noqa: E731
-            return selected, place(lg), place(g)
+                return torch.ones(B, n, dtype=torch.bool, device=logits.device)
+            out = torch.zeros(B, n, dtype=torch.bool, device=logits.device)
+            return out.scatter(1, chosen, True if taken is None else taken)
+
+        def placed(v: Tensor) -> Tensor:
+            v = v if spread is None else spread(v)
+            return v if competed is None else v.new_zeros(B, n).scatter(1, competed, v)
 
         trace = cls.__new__(cls)
-        trace._maps, trace._build = None, build
+        trace._maps = [None, None, None]
+        trace._builds = (selected, lambda: placed(logits),
+                         lambda: placed(gate() if callable(gate) else gate))
         return trace
 
     def _get(self, i: int):
-        if self._maps is None:
-            self._maps, self._build = self._build(), None
+        if self._maps[i] is None and self._builds is not None:
+            self._maps[i] = self._builds[i]()
         return self._maps[i]
 
     @property

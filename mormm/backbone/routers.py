@@ -306,17 +306,24 @@ class ExpertChoiceRouter(Router):
         separation/step{r}: mean logit of the selected minus mean logit of the rest: how
                             decisively the router separates them (steps at capacity 1 have no
                             rest and are left out)."""
+        # Every step at once (R, B, N): evaluation pays these launches on every batch.
+        selected = torch.stack([step.selected for step in steps])
+        logits = torch.stack([step.logits for step in steps]).float()
+        first = valid if valid is not None else torch.ones_like(selected[0])
+        competed = torch.cat([first[None], selected[:-1]])
+        agree = ((logits > 0) == selected) & competed
+        rest = competed & ~selected
+
+        def mean(x: Tensor, w: Tensor) -> Tensor:  # (R,) over each step's tokens w
+            return (x * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1)
+
+        agreement = (agree.flatten(1).sum(1) / competed.flatten(1).sum(1).clamp(min=1)).unbind()
+        separation = (mean(logits, selected) - mean(logits, rest)).unbind()
         stats = {}
-        competed = valid if valid is not None else torch.ones_like(steps[0].selected)
-        for r, step in enumerate(steps):
-            agree = (step.logits > 0) == step.selected
-            stats[f"agreement/step{r}"] = _weighted_mean(agree.float(), competed)
+        for r in range(len(steps)):
+            stats[f"agreement/step{r}"] = agreement[r]
             if self.capacities[r] < 1.0:
-                rest = competed & ~step.selected
-                stats[f"separation/step{r}"] = (
-                    _weighted_mean(step.logits, step.selected) - _weighted_mean(step.logits, rest)
-                )
-            competed = step.selected
+                stats[f"separation/step{r}"] = separation[r]
         return stats
 
     def gate_of(self, logits: Tensor) -> Tensor:
