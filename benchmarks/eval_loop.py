@@ -7,10 +7,11 @@ patches, 128 mel bins), the backbone, the head, the task loss, the torchmetrics 
 per-batch `self.log` calls of `MoRModule.test_step`, under Lightning's bf16-mixed precision. The
 clock runs from the test epoch's start to its end (Trainer set-up left out), the batches come from
 pinned host memory in the main process (no decoding), and each turn also checks that the
-depth-wise run logged the batch-by-batch run's metrics.
+depth-wise run logged the batch-by-batch run's metrics. `--no-stats` leaves the depth and router
+statistics out (what they cost the loop).
 
     python benchmarks/eval_loop.py [--clips 1:256,10:64] [--variants vanilla,mor_ec,mor_tc]
-        [--batches 40] [--reps 5] [--out DIR --name NAME] [--device cpu --small]
+        [--batches 40] [--reps 5] [--no-stats] [--out DIR --name NAME] [--device cpu --small]
 """
 
 from __future__ import annotations
@@ -83,11 +84,14 @@ def main() -> None:
     p.add_argument("--variants", default="vanilla,mor_ec,mor_tc")
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-stats", action="store_true", help="no depth or router statistics")
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="the harness's smoke-test width")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name")
     args = p.parse_args()
+    if args.no_stats:
+        MoRModule._log_depth = lambda self, out, stage, batch_size: None
     dev = torch.device(args.device)
     precision = "bf16-mixed" if dev.type == "cuda" else "32-true"
     dim, heads = width(args.small)
@@ -124,7 +128,8 @@ def main() -> None:
     env = environment(dev)
     lines = [f"# `mormm test`'s loop, eager against model.depthwise: {env['device_name']}, "
              f"torch {env['torch']}, code {env['code']}, {precision}, {args.batches} batches "
-             f"per run, median of {args.reps} runs in turns", "",
+             f"per run, median of {args.reps} runs in turns"
+             + (", no depth or router statistics" if args.no_stats else ""), "",
              "| clip | batch | variant | mode | ms / batch | clips/s | over vanilla eager "
              "| max logged diff vs eager |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -138,8 +143,8 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.name}.md").write_text(table)
-        (out / f"{args.name}.json").write_text(json.dumps({"environment": env, "rows": rows},
-                                                          indent=1))
+        result = {"environment": env, "statistics": not args.no_stats, "rows": rows}
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
