@@ -171,7 +171,7 @@ class MoRModule(L.LightningModule):
         # Token-choice load of each micro-batch since the last optimizer step (averaged for the
         # loss-free bias update, so gradient accumulation sees the whole effective batch).
         self._loads: list[Tensor] = []
-        # Evaluation's depth and router statistics, averaged over the epoch.
+        # Evaluation's loss and depth and router statistics, averaged over the epoch.
         self._epoch_means = EpochMeans()
         # model.depthwise: the batcher of this evaluation or predict run, its batches still in
         # flight, and the batches it could not take (run alone) by reason, of how many.
@@ -252,23 +252,18 @@ class MoRModule(L.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None)
         return connector is None or connector.should_update_logs
 
-    def _log_depth(self, out: BackboneOutput, stage: str, batch_size: int) -> None:
-        """Training logs the depth and router statistics on_step; evaluation adds them to the
-        epoch's means, logged when the epoch ends."""
+    def _statistics(self, out: BackboneOutput) -> dict[str, Tensor]:
+        """The depth statistics and the router's (mormm.lit.depth_stats, Router.statistics)."""
         stats = depth_stats(out, self.backbone.config.num_layers, self.backbone.plan)
         if self.backbone.router is not None:
             stats.update({f"router/{k}": v for k, v in
                           self.backbone.router.statistics(out.steps, out.valid).items()})
-        if stage == "train":
-            self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True,
-                          on_epoch=False, batch_size=batch_size)
-        else:
-            self._epoch_means.add(stats, batch_size)
+        return stats
 
-    def _log_epoch_means(self, stage: str) -> None:
-        means = self._epoch_means.means(self.trainer.strategy)
-        self._epoch_means = EpochMeans()
-        self.log_dict({f"{stage}/{k}": v for k, v in means.items()})
+    def _log_depth(self, out: BackboneOutput, batch_size: int) -> None:
+        """Training: the statistics on_step, on the steps Lightning writes (_train_logs_written)."""
+        self.log_dict({f"train/{k}": v for k, v in self._statistics(out).items()},
+                      on_step=True, on_epoch=False, batch_size=batch_size)
 
     def on_validation_epoch_start(self) -> None:
         self._epoch_means = EpochMeans()
@@ -276,10 +271,29 @@ class MoRModule(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_means("val")
+        self._log_epoch("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch_means("test")
+        self._log_epoch("test", self.test_metrics)
+
+    def _log_epoch(self, stage: str, metrics: MetricCollection) -> None:
+        """The evaluation epoch's loss, metrics and depth and router statistics, logged once
+        (with model.depthwise, after the batches still in flight)."""
+        if self._batcher is not None:
+            plugin = self.trainer.precision_plugin
+            context = plugin.val_step_context() if stage == "val" else plugin.test_step_context()
+            self._finish_pipeline(context, lambda batch, out: self._evaluate(batch, out, metrics))
+            self._report_alone()
+        means = self._epoch_means.means(self.trainer.strategy)
+        self._epoch_means = EpochMeans()
+        if not means:  # no batch evaluated
+            metrics.reset()
+            return
+        logged = {f"{stage}/{k}": v for k, v in means.items()} | metrics.compute()
+        metrics.reset()
+        bar = {f"{stage}/loss", f"{stage}/acc"} if stage == "val" else set()
+        self.log_dict({k: v for k, v in logged.items() if k in bar}, prog_bar=True)
+        self.log_dict({k: v for k, v in logged.items() if k not in bar})
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -293,7 +307,7 @@ class MoRModule(L.LightningModule):
         for k, v in out.backbone.losses.items():
             self.log(f"train/{k}", v, batch_size=B)
         if self._train_logs_written():
-            self._log_depth(out.backbone, "train", B)
+            self._log_depth(out.backbone, B)
         label = batch["label"]
         self.train_metrics.update(out.logits.detach(), label.int() if self.multi_label else label)
         self.log_dict(self.train_metrics, batch_size=B, on_step=False, on_epoch=True)
@@ -312,36 +326,30 @@ class MoRModule(L.LightningModule):
                 load = self.all_gather(load).float().mean(0)
             router.after_optimizer_step({"load": load})
 
-    def _eval_step(self, batch: dict, dataloader_idx: int, stage: str,
-                   metrics: MetricCollection) -> None:
+    def _eval_step(self, batch: dict, dataloader_idx: int, metrics: MetricCollection) -> None:
+        if dataloader_idx:  # one set of metrics and epoch means per run
+            raise ValueError(f"MoRModule evaluates one dataloader per run; this one has more "
+                             f"(dataloader_idx={dataloader_idx}): evaluate them one by one")
         if self._batcher is None:
-            return self._evaluate(batch, self(batch), stage, metrics)
-        if dataloader_idx:  # the pipeline would carry one loader's batches into the next's logs
-            raise ValueError(f"model.depthwise evaluates one dataloader at a time; this {stage} "
-                             f"run has more (dataloader_idx={dataloader_idx}): run them one by "
-                             f"one or set model.depthwise false")
-        # Lightning's fetcher looks one batch ahead (also past limit_*_batches): the last batch
-        # takes the pipeline's remaining steps, so every batch is logged from its own hook.
-        last = self.trainer._evaluation_loop.batch_progress.is_last_batch  # private in 2.6
-        for batch, out in self._pipeline(batch, last):
-            self._evaluate(batch, out, stage, metrics)
+            self._evaluate(batch, self(batch), metrics)
+        else:  # the batches left in flight finish when the epoch ends (_log_epoch)
+            for done in self._pipeline(batch):
+                self._evaluate(*done, metrics)
 
-    def _evaluate(self, batch: dict, out: ClassifierOutput, stage: str,
-                  metrics: MetricCollection) -> None:
+    def _evaluate(self, batch: dict, out: ClassifierOutput, metrics: MetricCollection) -> None:
+        """Adds the batch to the epoch's metrics and means (`_log_epoch` logs them): a step bound
+        by the host pays for every `self.log` (four small ops and Lightning's Python each)."""
         logits = self._clip_logits(out.logits, batch)
         label = batch["label"]
-        B = len(label)
-        self.log(f"{stage}/loss", self._task_loss(logits, label), batch_size=B, sync_dist=True,
-                 prog_bar=stage == "val")
         metrics.update(logits, label.int() if self.multi_label else label)
-        self.log_dict(metrics, batch_size=B, prog_bar=stage == "val")
-        self._log_depth(out.backbone, stage, B)
+        stats = {"loss": self._task_loss(logits, label), **self._statistics(out.backbone)}
+        self._epoch_means.add(stats, len(label))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "val", self.val_metrics)
+        self._eval_step(batch, dataloader_idx, self.val_metrics)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "test", self.test_metrics)
+        self._eval_step(batch, dataloader_idx, self.test_metrics)
 
     # -- model.depthwise: a stream of batches through DepthwiseBatcher --------------------------
 
@@ -350,44 +358,42 @@ class MoRModule(L.LightningModule):
             self._batcher, self._in_flight = DepthwiseBatcher(self.backbone), deque()
             self._alone, self._batches = Counter(), 0
 
-    def _report_alone(self) -> None:
-        for why, n in self._alone.items():
-            log.warning("model.depthwise: %d of %d batches ran through the forward alone, not the "
-                        "pipeline: %s. It takes unpadded clips routed by top-k (audio: "
-                        "--data.clip_seconds crops clips to one length)", n, self._batches, why)
-
-    def _end_evaluation(self) -> None:
-        self._report_alone()
-        batcher, self._batcher = self._batcher, None
-        if batcher is not None and batcher.in_flight:  # the last batch flushes it: not reached
-            raise RuntimeError(f"model.depthwise: the evaluation ended with {batcher.in_flight} "
-                               f"batch(es) in flight, unlogged")
-
     on_validation_start = on_test_start = _start_pipeline
 
     def on_predict_start(self) -> None:
         self._start_pipeline()
         if self._batcher is not None:  # None is how a filling pipeline's steps answer
             warnings.filterwarnings("ignore", message="predict returned None")
-    on_validation_end = on_test_end = _end_evaluation
 
-    def _pipeline(self, batch: dict, last: bool = False) -> list[tuple[dict, ClassifierOutput]]:
-        """Admit this batch; the batches that leave the pipeline in this call with their
-        outputs, oldest first: none while it fills, this one alone where the pipeline cannot
-        take it, and with `last` every batch still in flight."""
+    def _pipeline(self, batch: dict) -> list[tuple[dict, ClassifierOutput]]:
+        """Admit this batch; the batch that leaves the pipeline in this call with its output
+        (none while it fills), or this one alone where the pipeline cannot take it."""
         tokens = self.model.prepare(batch)
         self._batches += 1
         why = self._batcher.refusal(tokens)
         if why is not None:
             self._alone[why] += 1
-            done = [(batch, self.model.classify(tokens, self.backbone(tokens)))]
-        else:
-            self._in_flight.append((batch, tokens))
-            out = self._batcher(tokens)
-            done = [] if out is None else [self._leave(out)]
-        if last:
-            done += [self._leave(out) for out in self._batcher.flush()]
+            return [(batch, self.model.classify(tokens, self.backbone(tokens)))]
+        self._in_flight.append((batch, tokens))
+        out = self._batcher(tokens)
+        return [] if out is None else [self._leave(out)]
+
+    def _finish_pipeline(self, context, use) -> list:
+        """`use(batch, output)` of each batch still in flight, oldest first, once it has run to
+        its end. The steps left run outside the step hooks: under `context`, the run's
+        precision (its autocast), as the others did, and in inference mode, also after the run
+        returned."""
+        with torch.inference_mode(), context:
+            done = [use(*self._leave(out)) for out in self._batcher.flush()]
+        self._batcher = None
         return done
+
+    def _report_alone(self) -> None:
+        for why, n in self._alone.items():
+            log.warning("model.depthwise: %d of %d batches ran through the forward alone, not the "
+                        "pipeline: %s. It takes unpadded clips routed by top-k (audio: "
+                        "--data.clip_seconds crops clips to one length)", n, self._batches, why)
+        self._alone = Counter()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
         """The predictions of this batch; with model.depthwise, of the batch that left the
@@ -411,15 +417,10 @@ class MoRModule(L.LightningModule):
         """model.depthwise: the predictions of the batches still in flight, oldest first."""
         if self._batcher is None:
             return []
-        # The steps left run outside predict_step: under the run's precision (its autocast)
-        # as the others did, and in inference mode also after trainer.predict returned.
         trainer = self._trainer
         precision = (nullcontext() if trainer is None
                      else trainer.precision_plugin.predict_step_context())
-        with torch.inference_mode(), precision:
-            outs = [self._prediction(*self._leave(out)) for out in self._batcher.flush()]
-        self._batcher = None
-        return outs
+        return self._finish_pipeline(precision, self._prediction)
 
     def _leave(self, out: BackboneOutput) -> tuple[dict, ClassifierOutput]:
         batch, tokens = self._in_flight.popleft()

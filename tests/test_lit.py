@@ -117,10 +117,9 @@ def test_training_statistics_are_computed_only_on_the_steps_lightning_writes(tmp
     computed = []
     log_depth = MoRModule._log_depth
 
-    def spy(self, out, stage, batch_size):
-        if stage == "train":
-            computed.append(self.trainer.fit_loop.epoch_loop.batch_idx)
-        log_depth(self, out, stage, batch_size)
+    def spy(self, out, batch_size):
+        computed.append(self.trainer.fit_loop.epoch_loop.batch_idx)
+        log_depth(self, out, batch_size)
 
     monkeypatch.setattr(MoRModule, "_log_depth", spy)
     build_cli(fit_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
@@ -399,9 +398,10 @@ def test_depthwise_predict_flushes_the_last_batches_under_the_runs_precision(tmp
 @pytest.mark.parametrize("limit", [None, 5])
 def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, caplog, limit):
     """trainer.validate / trainer.test with model.depthwise: every batch of the stream is
-    logged, also those still in the pipeline when the data (or limit_*_batches) runs out, and
-    the epoch's loss, metrics and depth statistics are those of the forward, batch by batch;
-    padded batches run alone and are counted. More than one dataloader is refused by name."""
+    evaluated, also those still in the pipeline when the data (or limit_*_batches) runs out,
+    which finish under the run's precision; the epoch's loss, metrics and depth statistics are
+    the forward's; padded batches run alone and are counted. More than one dataloader is refused
+    by name."""
     import lightning as L
 
     from mormm.backbone import DepthwiseBatcher
@@ -413,29 +413,31 @@ def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, c
     module = _depthwise_module()
     plain = copy.deepcopy(module)
     plain.hparams.depthwise = False
-    calls = []
+    calls = []  # (admits a batch, under autocast)
     real = DepthwiseBatcher.__call__
+
+    def spy(self, tokens=None):
+        calls.append((tokens is not None, torch.is_autocast_enabled("cpu")))
+        return real(self, tokens)
+
+    def run(stage, prefix, model, precision="32-true"):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path,
+                            precision=precision, **{f"limit_{prefix}_batches": limit})
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        with caplog.at_level(logging.WARNING, logger="mormm.lit"):
+            (metrics,) = getattr(trainer, stage)(model, loader)
+        return metrics
+
+    n = limit or len(batches)
+    admitted = sum(1 for b in batches[:n] if "audio_lengths" not in b)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DepthwiseBatcher, "__call__",
-                   lambda self, tokens=None: calls.append(tokens is None) or real(self, tokens))
-
-        def run(stage, prefix, model):
-            trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, default_root_dir=tmp_path,
-                                **{f"limit_{prefix}_batches": limit})
-            loader = torch.utils.data.DataLoader(batches, batch_size=None)
-            with caplog.at_level(logging.WARNING, logger="mormm.lit"):
-                (metrics,) = getattr(trainer, stage)(model, loader)
-            return metrics
-
-        for stage in ("validate", "test"):
+        mp.setattr(DepthwiseBatcher, "__call__", spy)
+        for stage, prefix in (("validate", "val"), ("test", "test")):
             caplog.clear()
             calls.clear()
-            prefix = "val" if stage == "validate" else "test"
             got, expected = run(stage, prefix, module), run(stage, prefix, plain)
-            n = limit or len(batches)
-            admitted = sum(1 for b in batches[:n] if "audio_lengths" not in b)
-            assert calls == [False] * admitted + [True]  # N_r = 2: one step to finish the last
+            assert calls == [(True, False)] * admitted + [(False, False)]  # N_r = 2: one more
             assert f"{prefix}/acc" in got and f"{prefix}/depth/mean" in got
             assert got.keys() == expected.keys()
             for k, v in expected.items():
@@ -443,7 +445,10 @@ def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, c
             (message,) = [r.getMessage() for r in caplog.records if r.name == "mormm.lit"]
             assert message.startswith(f"model.depthwise: {n - admitted} of {n} batches ran "
                                       f"through the forward alone")
-    with pytest.raises(ValueError, match=r"one dataloader at a time.*dataloader_idx=1"):
+        calls.clear()
+        run("validate", "val", module, precision="bf16-mixed")
+        assert calls == [(True, True)] * admitted + [(False, True)]
+    with pytest.raises(ValueError, match=r"one dataloader per run.*dataloader_idx=1"):
         two = [torch.utils.data.DataLoader(batches[:2], batch_size=None)] * 2
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=tmp_path).validate(module, two)
@@ -530,3 +535,25 @@ def test_depth_and_router_statistics_follow_their_per_step_definitions(router):
     assert got.keys() == stats.keys()
     for k, v in stats.items():
         assert float(got[k]) == pytest.approx(float(v), abs=1e-6), k
+
+
+def test_epoch_means_weigh_every_ranks_batches_by_size():
+    """EpochMeans: the size-weighted mean of each scalar over this rank's batches and, through
+    the strategy's sum, every other rank's; a batch with other scalars is an error."""
+    from mormm.lit import EpochMeans
+
+    class TwoRanks:  # the other rank added one batch of 3 clips with a = 1, b = 4
+        def reduce(self, total, reduce_op):
+            assert reduce_op == "sum"
+            return total + torch.tensor([3 * 1.0, 3 * 4.0, 3.0])
+
+    means = EpochMeans()
+    means.add({"a": torch.tensor(2.0), "b": torch.tensor(0)}, 1)
+    means.add({"a": torch.tensor(4.0), "b": torch.tensor(8)}, 2)
+    got = means.means(TwoRanks())
+    assert list(got) == ["a", "b"]
+    assert float(got["a"]) == pytest.approx((2 * 1 + 4 * 2 + 1 * 3) / 6)
+    assert float(got["b"]) == pytest.approx((0 + 8 * 2 + 4 * 3) / 6)
+    with pytest.raises(RuntimeError, match="a batch gave"):
+        means.add({"a": torch.tensor(1.0)}, 1)
+    assert EpochMeans().means(TwoRanks()) == {}  # no batch
