@@ -4,9 +4,9 @@ loop over a stream of audio clips, timed in turns.
 The harness times the backbone on random tokens; this times a user's evaluation: the batch's copy
 to the device, the log-mel frontend and patch embedding (AudioTokenizer, AST-like 16 x 16
 patches, 128 mel bins), the backbone, the head, the task loss, the torchmetrics updates and the
-per-batch `self.log` calls of `MoRModule.test_step`, under Lightning's bf16-mixed precision. The
-clock runs from the test epoch's start to its end (Trainer set-up left out), the batches come from
-pinned host memory in the main process (no decoding), and each turn also checks that the
+epoch's logging of `MoRModule`'s test loop, under Lightning's bf16-mixed precision. The clock runs
+from the test epoch's start to the loop's end (Trainer set-up left out), the batches come from
+pinned host memory in the main process (no decoding), and a last run of each checks that the
 depth-wise run logged the batch-by-batch run's metrics. `--no-stats` leaves the depth and router
 statistics out (what they cost the loop).
 
@@ -36,15 +36,20 @@ MODES = {"vanilla": ("eager",)}  # vanilla shares no layers: the pipeline cannot
 
 
 class _EpochClock(L.Callback):
-    """Seconds from the test epoch's start to its end, the device idle at both."""
+    """Seconds from the test epoch's start to the loop's end, the device idle at both.
+
+    It stops at on_test_end, not on_test_epoch_end: Lightning calls callbacks' epoch-end hooks
+    before the module's, and the module's is where the depth-wise batches still in flight finish
+    and the epoch's metrics are computed and logged."""
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         sync(pl_module.device)
         self.start = time.perf_counter()
 
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
+    def on_test_end(self, trainer, pl_module) -> None:
         sync(pl_module.device)
-        self.seconds = time.perf_counter() - self.start
+        self.stop = time.perf_counter()
+        self.seconds = self.stop - self.start
 
 
 def _module(variant: str, dim: int, heads: int, depthwise: bool) -> MoRModule:

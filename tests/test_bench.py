@@ -320,3 +320,35 @@ def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_p
     assert rows[0]["over_vanilla"] == 1.0
     assert rows[2]["max_logged_diff"] is not None and rows[2]["max_logged_diff"] < 1e-5
     assert "| 1 s | 2 | mor_ec | depthwise |" in out.stdout
+
+
+def test_eval_loop_clock_covers_the_modules_epoch_end(monkeypatch):
+    """The module's on_test_epoch_end finishes the depth-wise batches still in flight; Lightning
+    calls it after callbacks' epoch-end hooks, so a clock stopped there would leave it out."""
+    import importlib.util
+    from pathlib import Path
+
+    import lightning as L
+
+    from mormm.lit import MoRModule
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_loop.py"
+    spec = importlib.util.spec_from_file_location("eval_loop", script)
+    eval_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_loop)
+    finished = []
+    epoch_end = MoRModule.on_test_epoch_end
+
+    def timed_epoch_end(self):
+        epoch_end(self)
+        finished.append(eval_loop.time.perf_counter())
+
+    monkeypatch.setattr(MoRModule, "on_test_epoch_end", timed_epoch_end)
+    clock = eval_loop._EpochClock()
+    module = eval_loop._module("mor_ec", *eval_loop.width(True), depthwise=True)
+    cpu = torch.device("cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[clock])
+    trainer.test(module, torch.utils.data.DataLoader(eval_loop._batches(0.5, 2, 3, cpu),
+                                                     batch_size=None), verbose=False)
+    assert len(finished) == 1 and clock.start < finished[0] < clock.stop
