@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -78,13 +79,23 @@ class EpochMeans:
         self.weight += weight
 
     def means(self, strategy) -> dict[str, Tensor]:
-        """The epoch's means over every rank's batches (`strategy`: the trainer's; each rank
-        must have added a batch, as for Lightning's sync_dist)."""
-        if self.sums is None:
+        """The epoch's means over every rank's batches (`strategy`: the trainer's); {} when no
+        rank added a batch. Every rank calls it: a rank that added none (all of its share
+        skipped) takes the scalars' names from the others and adds zeros, so all ranks run the
+        same collectives and log the same keys."""
+        names, sums = self.names, self.sums
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, names)
+            names = next((n for n in every if n is not None), None)
+            if any(n is not None and n != names for n in every):
+                raise RuntimeError(f"EpochMeans: the ranks' batches gave different scalars: {every}")
+            if sums is None and names is not None:
+                sums = torch.zeros(len(names), device=strategy.root_device)
+        if sums is None:
             return {}
-        total = torch.cat([self.sums, self.sums.new_tensor([self.weight])])
-        total = strategy.reduce(total, reduce_op="sum")
-        return dict(zip(self.names, total[:-1] / total[-1]))
+        total = strategy.reduce(torch.cat([sums, sums.new_tensor([self.weight])]), reduce_op="sum")
+        return dict(zip(names, total[:-1] / total[-1]))
 
 
 class MoRModule(L.LightningModule):
@@ -285,10 +296,14 @@ class MoRModule(L.LightningModule):
             self._finish_pipeline(context, lambda batch, out: self._evaluate(batch, out, metrics))
             self._report_alone()
         means = self._epoch_means.means(self.trainer.strategy)
-        self._epoch_means = EpochMeans()
-        if not means:  # no batch evaluated
+        evaluated, self._epoch_means = self._epoch_means.weight, EpochMeans()
+        if not means:  # no batch evaluated on any rank
             metrics.reset()
             return
+        if not evaluated:
+            log.warning("%s: rank %d evaluated no batch this epoch (were all of its samples "
+                        "skipped?); the logged values are the other ranks'", stage,
+                        self.global_rank)
         logged = {f"{stage}/{k}": v for k, v in means.items()} | metrics.compute()
         metrics.reset()
         bar = {f"{stage}/loss", f"{stage}/acc"} if stage == "val" else set()

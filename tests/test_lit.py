@@ -1,7 +1,8 @@
 """MoRModule checkpoints written by `mormm fit`: save -> load gives the same predictions, and
 `fit --ckpt_path` resumes the step count, the optimizer state and the token-choice router's
 loss-free balancing bias; with model.depthwise, predict, validate and test around what the
-pipeline cannot take, logging what the forward logs."""
+pipeline cannot take, logging what the forward logs; evaluation's epoch means, also with a rank
+that evaluated no batch."""
 
 import copy
 import csv
@@ -557,3 +558,60 @@ def test_epoch_means_weigh_every_ranks_batches_by_size():
     with pytest.raises(RuntimeError, match="a batch gave"):
         means.add({"a": torch.tensor(1.0)}, 1)
     assert EpochMeans().means(TwoRanks()) == {}  # no batch
+
+
+RANK_WITHOUT_BATCHES = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import lightning as L
+import torch
+from test_lit import _depthwise_module, labelled_batches
+
+
+class RankZeroOnly(torch.utils.data.IterableDataset):
+    """Rank 0's batches; rank 1 yields none, as when every sample of its share is skipped."""
+
+    def __iter__(self):
+        return iter(labelled_batches() if torch.distributed.get_rank() == 0 else [])
+
+
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+(logged,) = trainer.validate(_depthwise_module(),
+                             torch.utils.data.DataLoader(RankZeroOnly(), batch_size=None))
+with open(f"{sys.argv[2]}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({k: float(v) for k, v in logged.items()}, f)
+'''
+
+
+def labelled_batches() -> list[dict]:
+    batches = _audio_batches([None, None, None])
+    for i, b in enumerate(batches):
+        b["label"] = torch.tensor([i, 3 - i])
+    return batches
+
+
+def test_a_rank_that_evaluates_no_batch_joins_the_epochs_reductions(tmp_path: Path):
+    """Two CPU ranks (gloo), rank 1 without a batch: validate ends (it hung in the epoch-end
+    reduction) and both ranks log rank 0's loss, metrics and statistics under the same keys."""
+    import subprocess
+
+    import lightning as L
+
+    script = tmp_path / "rank_without_batches.py"
+    script.write_text(RANK_WITHOUT_BATCHES)
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(script), str(tests), str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 1 evaluated no batch" in proc.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    (alone,) = trainer.validate(_depthwise_module(),
+                                torch.utils.data.DataLoader(labelled_batches(), batch_size=None))
+    assert "val/loss" in alone and "val/router/agreement/step0" in alone
+    for logged in ranks:
+        assert set(logged) == set(alone)
+        for k, v in alone.items():
+            assert logged[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), k
