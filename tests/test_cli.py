@@ -99,8 +99,8 @@ def test_depthwise_predict_writes_the_forwards_predictions(checkpoint: Path, tmp
 def test_depthwise_test_logs_the_forwards_metrics(checkpoint: Path, tmp_path: Path,
                                                   batcher_calls: list):
     """`mormm test --model.depthwise true`: three batches through the pipeline, the last one
-    finished in its own step, and the logged test metrics and depth statistics are those of the
-    batch-by-batch run."""
+    finished when the epoch ends, and the logged test metrics and depth statistics are those of
+    the batch-by-batch run."""
     logged = {}
     for depthwise in ("false", "true"):
         out = tmp_path / depthwise
@@ -116,6 +116,31 @@ def test_depthwise_test_logs_the_forwards_metrics(checkpoint: Path, tmp_path: Pa
     assert {"test/acc", "test/loss", "test/depth/mean"} <= plain.keys() == piped.keys()
     for k, v in plain.items():
         assert math.isclose(piped[k], v, rel_tol=1e-5, abs_tol=1e-6), k
+
+
+def test_depthwise_fit_validates_through_the_pipeline_and_logs_what_the_forward_logs(
+        tmp_path: Path, batcher_calls: list):
+    """`mormm fit --model.depthwise true`: the sanity check and the epoch's validation each run
+    a pipeline of their own, emptied at their end (training steps in between take the forward),
+    and every logged value, training's too, is the batch-by-batch run's."""
+    ensure_demo("audio")
+    logged = {}
+    for depthwise in ("false", "true"):
+        out = tmp_path / depthwise
+        assert 0 == main(["fit", "--config", QUICKSTART, *small(out),
+                          "--trainer.num_sanity_val_steps", "2", "--trainer.limit_val_batches", "3",
+                          "--model.depthwise", depthwise])
+        (file,) = out.glob("**/metrics.csv")
+        with file.open() as f:
+            logged[depthwise] = [{k: float(v) for k, v in row.items() if v}
+                                 for row in csv.DictReader(f)]
+    assert [t is None for t in batcher_calls] == [False] * 2 + [True] + [False] * 3 + [True]
+    plain, piped = logged["false"], logged["true"]
+    assert any("val/depth/mean" in row for row in plain) and len(plain) == len(piped)
+    for a, b in zip(plain, piped):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert math.isclose(b[k], v, rel_tol=1e-5, abs_tol=1e-6), k
 
 
 # -- user errors: exit code 2 and one readable message, no traceback -----------------------------
