@@ -295,12 +295,11 @@ class MoRModule(L.LightningModule):
             context = plugin.val_step_context() if stage == "val" else plugin.test_step_context()
             self._finish_pipeline(context, lambda batch, out: self._evaluate(batch, out, metrics))
             self._report_alone()
-        means = self._epoch_means.means(self.trainer.strategy)
-        evaluated, self._epoch_means = self._epoch_means.weight, EpochMeans()
+        means = self._epoch_means.means(self.trainer.strategy)  # a new one each epoch start
         if not means:  # no batch evaluated on any rank
             metrics.reset()
             return
-        if not evaluated:
+        if not self._epoch_means.weight:
             log.warning("%s: rank %d evaluated no batch this epoch (were all of its samples "
                         "skipped?); the logged values are the other ranks'", stage,
                         self.global_rank)

@@ -311,13 +311,12 @@ class ExpertChoiceRouter(Router):
         logits = torch.stack([step.logits for step in steps]).float()
         first = valid if valid is not None else torch.ones_like(selected[0])
         competed = torch.cat([first[None], selected[:-1]])
-        agree = ((logits > 0) == selected) & competed
         rest = competed & ~selected
 
         def mean(x: Tensor, w: Tensor) -> Tensor:  # (R,) over each step's tokens w
             return (x * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1)
 
-        agreement = (agree.flatten(1).sum(1) / competed.flatten(1).sum(1).clamp(min=1)).unbind()
+        agreement = mean(((logits > 0) == selected).float(), competed).unbind()
         separation = (mean(logits, selected) - mean(logits, rest)).unbind()
         stats = {}
         for r in range(len(steps)):
