@@ -384,12 +384,11 @@ class MoRModule(L.LightningModule):
         (none while it fills), or this one alone where the pipeline cannot take it."""
         tokens = self.model.prepare(batch)
         self._batches += 1
-        why = self._batcher.refusal(tokens)
+        why, out = self._batcher.offer(tokens)
         if why is not None:
             self._alone[why] += 1
             return [(batch, self.model.classify(tokens, self.backbone(tokens)))]
         self._in_flight.append((batch, tokens))
-        out = self._batcher(tokens)
         return [] if out is None else [self._leave(out)]
 
     def _finish_pipeline(self, context, use) -> list:

@@ -63,13 +63,14 @@ def test_predict_writes_class_probability_and_depth_per_clip(checkpoint: Path, t
 
 @pytest.fixture
 def batcher_calls(monkeypatch) -> list:
-    """The tokens of every DepthwiseBatcher call from here on (None: a step admitting none)."""
+    """The batch each DepthwiseBatcher step admitted, from here on (None: a step admitting
+    none). Every step goes through `_advance`, whether `batcher(tokens)` or `offer` called it."""
     from mormm.backbone import DepthwiseBatcher
 
     calls = []
-    real = DepthwiseBatcher.__call__
-    monkeypatch.setattr(DepthwiseBatcher, "__call__",
-                        lambda self, tokens=None: calls.append(tokens) or real(self, tokens))
+    real = DepthwiseBatcher._advance
+    monkeypatch.setattr(DepthwiseBatcher, "_advance",
+                        lambda self, batch=None: calls.append(batch) or real(self, batch))
     return calls
 
 

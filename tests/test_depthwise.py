@@ -139,27 +139,37 @@ def test_batches_and_modes_it_cannot_run_are_named():
     assert batcher.in_flight == 0  # nothing was admitted by the failed calls
 
 
-def test_a_batch_checked_with_refusal_builds_its_routing_units_once(monkeypatch):
-    """refusal(tokens) then batcher(tokens), as mormm predict and evaluation call them: the
-    batch's routing units are built once (segments found by id cost launches); a batch other
-    than the one checked gets its own, and a refused one still cannot enter."""
+def test_offer_admits_what_it_can_and_builds_each_batchs_routing_units_once(monkeypatch):
+    """offer(tokens), as mormm predict and evaluation call it for a stream that may hold padded
+    batches: an admitted batch's routing units are built once (segments found by id cost
+    launches) and its outputs are batcher(tokens)'s; a refused one is named, admits nothing and
+    runs nothing."""
     backbone = _backbone(router="ec", unit="segment")
     built = []
     real = MoRBackbone._units
     monkeypatch.setattr(MoRBackbone, "_units", lambda self, t: built.append(t) or real(self, t))
-    batcher = DepthwiseBatcher(backbone)
-    a, b = _stream(segments=4)[:2]
+    stream = _stream(segments=4)
     padded = random_tokens(2, 12, 32, lengths=[12, 9])
+    offered, called = DepthwiseBatcher(backbone), DepthwiseBatcher(backbone)
     with torch.no_grad():
-        assert batcher.refusal(a) is None
-        batcher(a)
-        assert built == [a]
-        assert batcher.refusal(a) is None
-        batcher(b)  # not the batch checked
-        assert built == [a, a, b]
-        assert "padded" in batcher.refusal(padded)
-        with pytest.raises(ValueError, match="padded"):
-            batcher(padded)
+        for i, tokens in enumerate(stream):
+            why, out = offered.offer(tokens)
+            assert why is None and built == [tokens]
+            built.clear()
+            expected = called(tokens)
+            assert (out is None) == (expected is None)
+            if out is not None:
+                torch.testing.assert_close(out.hidden, expected.hidden, rtol=0, atol=0)
+            if i == 1:  # a padded batch mid-stream: refused, nothing admitted or run
+                before = offered.in_flight, [b.step for b in offered._flight]
+                why, out = offered.offer(padded)
+                assert "padded" in why and out is None
+                assert (offered.in_flight, [b.step for b in offered._flight]) == before
+            built.clear()
+        for out, expected in zip(offered.flush(), called.flush(), strict=True):
+            torch.testing.assert_close(out.hidden, expected.hidden, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        offered.offer(stream[0])  # gradients on: an error, not a refusal
 
 
 def test_packed_rows_give_every_sequence_its_offsets():

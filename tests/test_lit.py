@@ -382,9 +382,9 @@ def test_depthwise_predict_flushes_the_last_batches_under_the_runs_precision(tmp
 
     module = _depthwise_module()
     autocast = []
-    real = DepthwiseBatcher.__call__
-    monkeypatch.setattr(DepthwiseBatcher, "__call__", lambda self, tokens=None: autocast.append(
-        torch.is_autocast_enabled("cpu")) or real(self, tokens))
+    real = DepthwiseBatcher._advance  # every step of the pipeline
+    monkeypatch.setattr(DepthwiseBatcher, "_advance", lambda self, batch=None: autocast.append(
+        torch.is_autocast_enabled("cpu")) or real(self, batch))
     out = tmp_path / "predictions.jsonl"
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -415,11 +415,11 @@ def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, c
     plain = copy.deepcopy(module)
     plain.hparams.depthwise = False
     calls = []  # (admits a batch, under autocast)
-    real = DepthwiseBatcher.__call__
+    real = DepthwiseBatcher._advance  # every step of the pipeline
 
-    def spy(self, tokens=None):
-        calls.append((tokens is not None, torch.is_autocast_enabled("cpu")))
-        return real(self, tokens)
+    def spy(self, batch=None):
+        calls.append((batch is not None, torch.is_autocast_enabled("cpu")))
+        return real(self, batch)
 
     def run(stage, prefix, model, precision="32-true"):
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -433,7 +433,7 @@ def test_depthwise_validate_and_test_log_what_the_forward_logs(tmp_path: Path, c
     n = limit or len(batches)
     admitted = sum(1 for b in batches[:n] if "audio_lengths" not in b)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DepthwiseBatcher, "__call__", spy)
+        mp.setattr(DepthwiseBatcher, "_advance", spy)
         for stage, prefix in (("validate", "val"), ("test", "test")):
             caplog.clear()
             calls.clear()

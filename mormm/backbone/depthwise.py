@@ -85,7 +85,8 @@ class DepthwiseBatcher:
     `batcher(tokens)` admits one batch and returns the output of the batch that finished in
     that call (None while the pipeline fills); `flush()` finishes the batches still in flight.
     Batches may differ in size and length; `refusal(tokens)` says why one cannot enter (run
-    it through the backbone alone).
+    it through the backbone alone), and `offer(tokens)` admits a batch only where it can: one
+    call for a stream that mixes both.
     """
 
     def __init__(self, backbone: MoRBackbone) -> None:
@@ -103,7 +104,6 @@ class DepthwiseBatcher:
         self.backbone = backbone
         self._flight: list[_Batch] = []  # newest first: _flight[i] is at step i (while full)
         self._packs: dict = {}  # PackedRows per layout of the batches in flight
-        self._checked: tuple | None = None  # (tokens, why, units) of the last `refusal`
 
     @property
     def in_flight(self) -> int:
@@ -111,10 +111,34 @@ class DepthwiseBatcher:
 
     def __call__(self, tokens: Tokens | None = None) -> BackboneOutput | None:
         """Admit `tokens` (None: none) and run one step of every batch in flight; the output
-        of the batch that took its last step, else None."""
+        of the batch that took its last step, else None. A batch the pipeline cannot take is
+        an error (see `offer`)."""
+        if tokens is None:
+            self._check_mode()
+            return self._advance()
+        why, out = self.offer(tokens)
+        if why is not None:
+            raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
+                             "the backbone alone (DepthwiseBatcher.offer admits a batch only "
+                             "where it can)")
+        return out
+
+    def offer(self, tokens: Tokens) -> tuple[str | None, BackboneOutput | None]:
+        """`batcher(tokens)` where the pipeline can take the batch: (None, the output of the
+        batch that finished in this call or None). Where it cannot: (why, None), the batch not
+        admitted and nothing run; run it through the backbone alone. The routing units the
+        batch is judged by are the ones it runs with: built once (segments found by id cost
+        launches)."""
         self._check_mode()
-        if tokens is not None:
-            self._flight.insert(0, self._admit(tokens))
+        why, units = self._judge(tokens)
+        if why is not None:
+            return why, None
+        return None, self._advance(self._enter(tokens, units))
+
+    def _advance(self, batch: _Batch | None = None) -> BackboneOutput | None:
+        """One step of every batch in flight, `batch` (just entered) included."""
+        if batch is not None:
+            self._flight.insert(0, batch)
         if not self._flight:
             return None
         inputs = [self._route(b) for b in self._flight]
@@ -152,16 +176,11 @@ class DepthwiseBatcher:
     def refusal(self, tokens: Tokens) -> str | None:
         """Why this batch cannot enter the pipeline (None: it can): the batcher runs the
         forward's compact loop, which takes unpadded clips routed by top-k."""
-        self._checked = (tokens, *self._refused(tokens))
-        return self._checked[1]
+        return self._judge(tokens)[0]
 
-    def _refused(self, tokens: Tokens) -> tuple[str | None, Units | None]:
+    def _judge(self, tokens: Tokens) -> tuple[str | None, Units | None]:
         """refusal(tokens) and the routing units it judged by (None without a router or when
-        padded): built once per admitted batch, also when the caller asked `refusal` first
-        (segments found by id cost launches)."""
-        checked, self._checked = self._checked, None
-        if checked is not None and checked[0] is tokens:
-            return checked[1:]
+        padded)."""
         bb = self.backbone
         if tokens.padding_mask is not None:
             return "its clips are padded (Tokens.padding_mask)", None
@@ -170,11 +189,8 @@ class DepthwiseBatcher:
             return f"the router's inference={bb.router.inference!r} is not 'topk'", units
         return None, units
 
-    def _admit(self, tokens: Tokens) -> _Batch:
-        why, units = self._refused(tokens)
-        if why is not None:
-            raise ValueError(f"DepthwiseBatcher cannot take this batch: {why}; run it through "
-                             "the backbone alone (check first with DepthwiseBatcher.refusal)")
+    def _enter(self, tokens: Tokens, units: Units | None) -> _Batch:
+        """An admitted batch (its units judged by `_judge`) through the prelude layers."""
         bb = self.backbone
         x, rope = bb.enter(tokens)
         given = x if x is tokens.embeddings else None
