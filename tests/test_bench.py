@@ -302,6 +302,28 @@ def test_train_stats_times_steps_with_and_without_the_statistics(tmp_path):
     assert "| image/mor_ec |" in out.stdout
 
 
+def test_train_host_times_each_phase_of_a_training_step(tmp_path):
+    """benchmarks/train_host.py on the CPU's tiny shapes: each phase of each variant's step
+    timed, the phases adding up to the step, and the table written beside the JSON."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_host.py"
+    result, table = tmp_path / "host.json", tmp_path / "host.md"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--shapes",
+                    "image", "--variants", "vanilla,mor_ec", "--reps", "2", "--json",
+                    str(result), "--md", str(table)], capture_output=True, text=True, check=True,
+                   cwd=tmp_path)
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["shape"], r["variant"]) for r in rows] == [("image", "vanilla"), ("image", "mor_ec")]
+    for r in rows:
+        assert min(r["forward"], r["backward"], r["optimizer"]) > 0
+        # medians of each phase need not add up exactly to the median step, but nearly
+        parts = r["forward"] + r["backward"] + r["optimizer"] + r["tail"]
+        assert parts == pytest.approx(r["step"], rel=0.5)
+    assert "| image | mor_ec |" in table.read_text()
+
+
 def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_path):
     """benchmarks/eval_loop.py on the CPU's tiny width: Lightning's test loop timed per variant
     and mode, and the depth-wise run's logged metrics checked against the batch-by-batch run's."""
