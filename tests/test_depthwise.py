@@ -131,6 +131,12 @@ def test_batches_and_modes_it_cannot_run_are_named():
     threshold = DepthwiseBatcher(_backbone(router="ec", inference="threshold"))
     with torch.no_grad(), pytest.raises(ValueError, match="inference='threshold'"):
         threshold(random_tokens(2, 12, 32))
+    for router in ("ec", "tc"):  # 14 tokens in segments of 4: the last segment holds 2
+        segments = DepthwiseBatcher(_backbone(router=router, unit="segment"))
+        assert segments.refusal(random_tokens(2, 14, 32, segments=4)) == (
+            "its 14 tokens do not fill its 4 segments of 4 (Tokens.num_segments x "
+            "max_segment_len)")
+        assert segments.refusal(random_tokens(2, 16, 32, segments=4)) is None
     with pytest.raises(RuntimeError, match="inference_mode"):
         batcher(random_tokens(2, 12, 32))  # gradients on
     backbone.train()

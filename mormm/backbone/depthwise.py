@@ -186,6 +186,10 @@ class DepthwiseBatcher:
             return "its clips are padded (Tokens.padding_mask)", None
         units = None if bb.router is None else bb._units(tokens)
         if units is not None and not bb.router.compact(units):
+            if not units.full:  # unpadded, so segments: the last one of each clip is partial
+                return (f"its {tokens.embeddings.shape[1]} tokens do not fill its "
+                        f"{units.num_units} segments of {units.max_len} (Tokens.num_segments "
+                        "x max_segment_len)"), units
             return f"the router's inference={bb.router.inference!r} is not 'topk'", units
         return None, units
 
