@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import sys
 from argparse import ArgumentError
+from pathlib import Path
+from unittest import mock
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
@@ -93,6 +96,34 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MoRCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def model_and_data(configs: list[str], overrides: list[str]) -> tuple[MoRModule, ShardDataModule]:
+    """The model (fresh weights) and data that training configs and LightningCLI overrides
+    build, without a run: what `mormm analyze` and `mormm bench --config` start from. A config
+    saved by `mormm fit` (config.yaml beside its checkpoints) may be given as it is."""
+    args = [a for c in configs for a in ("--config", _without_run_keys(c))] + list(overrides)
+    # LightningCLI warns when sys.argv carries arguments besides `args`; here they are ours.
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = build_cli(args, run=False)
+    return cli.model, cli.datamodule
+
+
+# Top-level sections of a config that describe the model and data; the config.yaml that `mormm
+# fit` saves next to its checkpoints also holds the fit command's own keys (ckpt_path,
+# weights_only, ...), which the model/data parser does not accept.
+CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "data")
+
+
+def _without_run_keys(config: str) -> str:
+    """The config as given, or its content without keys other than CONFIG_SECTIONS."""
+    path = Path(config)
+    if not path.is_file():
+        return config
+    content = yaml.safe_load(path.read_text())
+    if not isinstance(content, dict) or set(content) <= set(CONFIG_SECTIONS):
+        return config
+    return yaml.safe_dump({k: v for k, v in content.items() if k in CONFIG_SECTIONS})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,45 @@ def test_depthwise_rows_time_a_stream_through_the_batcher_against_vanilla_eager(
                               atol=1e-5)
 
 
+def test_a_configs_backbone_is_timed_on_a_batch_of_its_data_against_its_baselines(
+        tmp_path, cli_in_repo, capsys):
+    """mormm bench --config: the config's backbone, vanilla (as many distinct layers as its
+    effective depth) and plain recursion (its sharing, no router), on a batch its data module
+    reads and its tokenizer makes, with LightningCLI overrides; options that pick the built-in
+    models are refused by name, and so is a missing config."""
+    config = "configs/quickstart.yaml"
+    assert 0 == main(["bench", "--config", config, "--device", "cpu", "--modes",
+                      "eager,depthwise", "--reps", "1", "--inner", "1", "--warmup", "0",
+                      "--data.batch_size", "3", "--out", str(tmp_path), "--name", "cfg"])
+    result = json.loads((tmp_path / "cfg.json").read_text())
+    assert not result["errors"]
+    rows = {(r["variant"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(v, m) for v in ("vanilla", "recursive", "quickstart")
+                         for m in ("eager", "depthwise")}
+    (shape,) = result["shapes"]
+    assert shape["batch"] == 3 and all(r["batch"] == 3 for r in rows.values())
+    assert shape["tokens"] == 20  # 1 s demo clips, 5 frames of 10 ms per token: 100 / 5
+    vanilla, recursive, own = (rows[v, "eager"] for v in ("vanilla", "recursive", "quickstart"))
+    # Same effective depth (4): vanilla's 4 distinct layers, recursion's first, shared, last
+    # (middle_cycle, N_r = 2), and the config's router on top; capacities 1, 1/2 skip FLOPs.
+    from mormm.backbone.layers import Block
+
+    layer = sum(p.numel() for p in Block(96, 4).parameters())
+    assert vanilla["params"] - recursive["params"] == layer
+    assert own["params"] > recursive["params"] and vanilla["flops"] == recursive["flops"]
+    assert own["flop_bound"] == pytest.approx(4 / 3.5, rel=0.05)  # layers run: 1 + 1 + 1/2 + 1
+    assert result["model"]["config"] == [config]
+    assert (result["model"]["router"], result["model"]["capacities"]) == ("ExpertChoiceRouter",
+                                                                         [1.0, 0.5])
+    assert f"{config}'s backbone (ExpertChoiceRouter per token" in (tmp_path / "cfg.md").read_text()
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--config", config, "--device", "cpu", "--shapes", "image"])
+    assert "--shapes: the config decides its model and data" in capsys.readouterr().err
+    assert 2 == main(["bench", "--config", "configs/nope.yaml", "--device", "cpu"])
+    assert "--config configs/nope.yaml: no such file" in capsys.readouterr().err
+
+
 def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):
     monkeypatch.delenv("MORMM_COMMIT", raising=False)
     repo = tmp_path / "repo"

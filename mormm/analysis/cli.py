@@ -27,10 +27,8 @@ import json
 import re
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
-import yaml
 
 from mormm.analysis import plots
 from mormm.analysis.baseline_routers import swap_router
@@ -77,16 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(configs: list[str], ckpt_path: str, overrides: list[str], data: str):
     """The MoRModule (weights from the checkpoint, eval mode) and ShardDataModule of a config."""
-    from mormm.cli import build_cli  # the training CLI's parser: same YAML, same overrides
+    from mormm.cli import model_and_data  # the training CLI's parser: same YAML, same overrides
 
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file")
-    cli_args = [a for c in configs for a in ("--config", _without_run_keys(c))]
-    cli_args += [*overrides, "--data.predict_from", data]
-    # LightningCLI warns when sys.argv carries arguments besides `args`; here they are ours.
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = build_cli(cli_args, run=False)
-    module, datamodule = cli.model, cli.datamodule
+    module, datamodule = model_and_data(configs, [*overrides, "--data.predict_from", data])
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     try:
         module.load_state_dict(state["state_dict"] if "state_dict" in state else state)
@@ -100,23 +93,6 @@ def load(configs: list[str], ckpt_path: str, overrides: list[str], data: str):
         ) from None
     module.eval()
     return module, datamodule
-
-
-# Top-level sections of a config that describe the model and data; the config.yaml that `mormm
-# fit` saves next to its checkpoints also holds the fit command's own keys (ckpt_path,
-# weights_only, ...), which the model/data parser does not accept.
-CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "data")
-
-
-def _without_run_keys(config: str) -> str:
-    """The config as given, or its content without keys other than CONFIG_SECTIONS."""
-    path = Path(config)
-    if not path.is_file():
-        return config
-    content = yaml.safe_load(path.read_text())
-    if not isinstance(content, dict) or set(content) <= set(CONFIG_SECTIONS):
-        return config
-    return yaml.safe_dump({k: v for k, v in content.items() if k in CONFIG_SECTIONS})
 
 
 def modality_names(tokenizer) -> dict[int, str]:

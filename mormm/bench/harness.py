@@ -22,6 +22,7 @@ a.json b.json` combines calls of one device. No speed is asserted anywhere.
 from __future__ import annotations
 
 import argparse
+from argparse import ArgumentError
 import json
 import subprocess
 import sys
@@ -44,10 +45,10 @@ from mormm.bench.models import (
     SHAPES,
     VARIANTS,
     Shape,
+    Suite,
     Variant,
     build_model,
-    make_inputs,
-    shape_table,
+    builtin_suite,
     width,
 )
 from mormm.bench.report import SCHEMA, add_ratios, environment, markdown, merge, save, slug
@@ -124,12 +125,16 @@ class Case:
     host: Callable[[], object] | None = None  # eval mode on a batch of one (eager only)
 
 
-def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> Case:
-    """Build, count (FLOPs, kernels), compile or capture, and measure peak memory of one case."""
+def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs,
+            build: Callable[[Variant], nn.Module] | None = None) -> Case:
+    """Build (`build`, default the built-in variants at args' width), count (FLOPs, kernels),
+    compile or capture, and measure peak memory of one case."""
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
-    model = build_model(variant, args.dim, args.heads, args.layers, args.recursions,
-                        args.fused_merge).to(device)
+    if build is None:
+        build = partial(build_model, dim=args.dim, heads=args.heads, layers=args.layers,
+                        recursions=args.recursions, fused_merge=args.fused_merge)
+    model = build(variant).to(device)
     if args.precision == "bf16":  # bf16 weights and residual stream (precision bf16-true)
         model.to(torch.bfloat16)
         inputs = (inputs[0].to(torch.bfloat16), *inputs[1:])
@@ -168,7 +173,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs) -> 
 
     if mode == "graphed":  # eager kernels, launched as one CUDA graph (inference only)
         infer = cuda_graph(infer, device)
-    for _ in range(args.recursions if batched else 1):
+    for _ in range(len(model.backbone.plan.steps) if batched else 1):
         infer()  # batched: until the pipeline is full, as in a stream's steady state
         if batched:
             host()
@@ -215,11 +220,25 @@ def measure_group(shape: Shape, cases: list[Case], args, device) -> None:
         case.row["train_s"] = t
 
 
+# Options that describe the built-in models and shapes; with --config the config decides them.
+BUILTIN_ONLY = ("shapes", "variants", "dim", "heads", "layers", "recursions", "batch", "small")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mormm bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="mormm bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="With --config, arguments not listed here (e.g. --data.batch_size 64, "
+               "--data.clip_seconds 10) are LightningCLI overrides of the config.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--config", action="append", default=None,
+                   help="a training YAML (repeatable, as for mormm fit): time its backbone "
+                        "against vanilla and plain recursion of its width and depth on a batch "
+                        "of its data (mormm/bench/from_config.py)")
+    p.add_argument("--split", default="val",
+                   help="with --config: where that batch comes from, a split of the dataset or "
+                        "a media file or folder (data.predict_from; default val)")
+    p.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
+    p.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS))
     p.add_argument("--modes", default="eager,compiled",
                    help="comma list of eager,graphed (CUDA graph of the eager forward),compiled,"
                         "cudagraphs (torch.compile mode reduce-overhead),depthwise (a stream of "
@@ -241,8 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None,
                    help="clips per batch for every shape (default: each shape's own, e.g. 32 "
                         "videos; a CPU or a small GPU needs fewer)")
-    p.add_argument("--layers", type=int, default=DEPTH)
-    p.add_argument("--recursions", type=int, default=len(CAPACITIES))
+    p.add_argument("--layers", type=int, default=None, help=f"effective depth (default {DEPTH})")
+    p.add_argument("--recursions", type=int, default=None,
+                   help=f"N_r (default {len(CAPACITIES)})")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--inner", type=int, default=None,
@@ -256,9 +276,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for <device>.json and .md")
     p.add_argument("--name", default=None, help="file stem (default: device name)")
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args, args.overrides = p.parse_known_args(argv)
+    if args.config is None:
+        if args.overrides:
+            p.error(f"unrecognized arguments: {' '.join(args.overrides)} (LightningCLI "
+                    "overrides need --config)")
+        dim, heads = width(args.small)
+        defaults = dict(shapes=",".join(SHAPES), variants=",".join(VARIANTS), layers=DEPTH,
+                        recursions=len(CAPACITIES), dim=dim, heads=heads)
+        for k, v in defaults.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    else:
+        given = [f"--{k}" for k in BUILTIN_ONLY if getattr(args, k) not in (None, False)]
+        if given:
+            p.error(f"{', '.join(given)}: the config decides its model and data (give e.g. "
+                    "--data.batch_size N as an override); these options pick the built-in ones")
+        if args.warm_jobs:
+            p.error("--warm-jobs compiles the built-in rows; with --config leave it out")
     for flag, known in (("--shapes", SHAPES), ("--variants", VARIANTS), ("--modes", MODES)):
-        check_names(p, flag, getattr(args, flag[2:]), known)
+        if getattr(args, flag[2:]) is not None:
+            check_names(p, flag, getattr(args, flag[2:]), known)
     check_device(p, args.device)
     check_batch(p, args.batch)
     if args.out is not None:  # fail now, not after the first group's compiles and timing
@@ -270,11 +308,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.precision == "bf16" and args.train:
         p.error("--precision bf16 times inference only (bf16 weights are not trained with "
                 "AdamW here); add --no-train")
-    dim, heads = width(args.small)
-    if args.dim is None:
-        args.dim = dim
-    if args.heads is None:
-        args.heads = heads
     if args.warmup is None:
         args.warmup = 1 if args.small else 5
     if args.reps is None:
@@ -295,10 +328,24 @@ def depthwise_ok(v: Variant) -> bool:
     return v.sharing == "none" or v.kv_mode == "recursion"
 
 
-def _plan(args) -> list[tuple[Shape, Variant, str]]:
-    table = shape_table(args.small, args.batch)
-    shapes = [table[s] for s in args.shapes.split(",") if s]
-    variants = [VARIANTS[v] for v in args.variants.split(",") if v]
+def make_suite(args, device: torch.device) -> Suite:
+    """The built-in shapes and variants, or with --config the config's (from_config.py; raises
+    ValueError, FileNotFoundError or jsonargparse's ArgumentError for a bad config)."""
+    if args.config is None:
+        return builtin_suite(args.small, args.batch, args.dim, args.heads, args.layers,
+                             args.recursions, args.fused_merge)
+    from mormm.bench.from_config import config_suite
+
+    return config_suite(args.config, args.overrides, args.split, args.fused_merge, device)
+
+
+def _picked(names: str | None, table: dict) -> list:
+    return list(table.values()) if names is None else [table[n] for n in names.split(",") if n]
+
+
+def _plan(args, suite: Suite) -> list[tuple[Shape, Variant, str]]:
+    shapes = _picked(args.shapes, suite.shapes)
+    variants = _picked(args.variants, suite.variants)
     modes = [m for m in args.modes.split(",") if m]
     restrict = None if args.compiled_variants is None else set(args.compiled_variants.split(","))
     plan = []  # eager rows first: they are cheap, compiled ones pay a compile each
@@ -327,12 +374,13 @@ def _warm(argv: list[str], plan, jobs: int) -> None:
         list(pool.map(one, todo))
 
 
-def run(args: argparse.Namespace, on_group=None) -> dict:
-    """Every planned row, timed group by group (one shape and mode); `on_group(result)` gets the
-    result so far after each group, so a run stopped part-way keeps what it measured."""
+def run(args: argparse.Namespace, on_group=None, suite: Suite | None = None) -> dict:
+    """Every planned row of `suite` (default make_suite(args)), timed group by group (one shape
+    and mode); `on_group(result)` gets the result so far after each group, so a run stopped
+    part-way keeps what it measured."""
     device = torch.device(args.device)
-    plan = _plan(args)
-    table = shape_table(args.small, args.batch)
+    suite = suite or make_suite(args, device)
+    plan = _plan(args, suite)
     # The variants of one shape and mode are timed in turns (see time_alternating); a compiled
     # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -345,39 +393,31 @@ def run(args: argparse.Namespace, on_group=None) -> dict:
         # stores them); unstored, the timed pass tunes them itself on an idle GPU.
         torch._inductor.config.autotune_local_cache = False
         for items in groups.values():
-            inputs = make_inputs(items[0][0], args.dim, device)
+            inputs = suite.inputs(items[0][0], device)
             for s, v, m in items:
-                prepare(s, v, m, args, device, inputs)
+                prepare(s, v, m, args, device, inputs, suite.build)
         return {}
     result = {
         "schema": SCHEMA,
         "env": environment(device),
-        "model": {
-            "dim": args.dim,
-            "heads": args.heads,
-            "layers": args.layers,
-            "recursions": args.recursions,
-            "capacities": CAPACITIES[: args.recursions],
-            "fused_merge": args.fused_merge,
-        },
+        "model": suite.model,
         "timing": {"warmup": args.warmup, "reps": args.reps, "inner": args.inner},
-        "shapes": [asdict(s) | {"tokens": s.tokens} for s in table.values()
-                   if s.name in args.shapes.split(",")],
-        "variants": [asdict(v) for v in VARIANTS.values() if v.name in args.variants.split(",")],
+        "shapes": [asdict(s) | {"tokens": s.tokens} for s in _picked(args.shapes, suite.shapes)],
+        "variants": [asdict(v) for v in _picked(args.variants, suite.variants)],
         "rows": [],
         "errors": [],
     }
     start = time.perf_counter()
     for items in groups.values():
         shape = items[0][0]
-        inputs = make_inputs(shape, args.dim, device)
+        inputs = suite.inputs(shape, device)
         cases = []
         for s, v, m in items:
             if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                 result["errors"].append(f"{s.name}/{v.name}/{m}: skipped (time budget)")
                 continue
             try:
-                cases.append(prepare(s, v, m, args, device, inputs))
+                cases.append(prepare(s, v, m, args, device, inputs, suite.build))
             except Exception as e:  # a failing case is reported, the others still run
                 result["errors"].append(f"{s.name}/{v.name}/{m}: {type(e).__name__}: {e}"[:500])
                 print("ERROR", result["errors"][-1], file=sys.stderr, flush=True)
@@ -409,11 +449,20 @@ def main(argv: list[str] | None = None) -> int:
         save(argv[1], result)
         return 0
     args = parse_args(argv)
+    try:
+        suite = make_suite(args, torch.device(args.device))
+    except ArgumentError as e:  # the config's own keys: LightningCLI's message, no usage dump
+        print(f"mormm bench --config: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        from mormm.cli import user_error
+
+        return user_error(e)
     if args.warm_jobs > 0 and not args.warm_only:
         t0 = time.perf_counter()
-        _warm([a for a in argv], _plan(args), args.warm_jobs)
+        _warm([a for a in argv], _plan(args, suite), args.warm_jobs)
         print(f"warm-up compile: {time.perf_counter() - t0:.0f} s", flush=True)
-    result = run(args, on_group=None if args.out is None else partial(write, args))
+    result = run(args, None if args.out is None else partial(write, args), suite)
     if not args.warm_only:
         print(markdown(result))
     return 0

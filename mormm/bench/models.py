@@ -3,7 +3,9 @@ effective depth, DESIGN.md section 3), and a model and random inputs for each.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -149,3 +151,34 @@ def make_inputs(shape: Shape, dim: int, device: torch.device, seed: int = 0):
         num_segments,
         seg_len,
     )
+
+
+@dataclass
+class Suite:
+    """What one harness run times: its shapes and variants, how to build a variant's model (an
+    nn.Module called on the inputs, returning (hidden, aux_loss), whose `backbone` and
+    `tokens(*inputs)` the depthwise mode reads) and a shape's inputs, and the model's
+    description for the result files."""
+
+    shapes: dict[str, Shape]
+    variants: dict[str, Variant]
+    build: Callable[[Variant], nn.Module]
+    inputs: Callable[[Shape, torch.device], tuple]
+    model: dict
+
+
+def builtin_suite(small: bool, batch: int | None, dim: int, heads: int, layers: int,
+                  recursions: int, fused_merge: bool) -> Suite:
+    """The realistic shapes (or the smoke test's) and every variant of one width and depth."""
+    return Suite(
+        shapes=shape_table(small, batch),
+        variants=VARIANTS,
+        build=lambda v: build_model(v, dim, heads, layers, recursions, fused_merge),
+        inputs=partial(_grid_inputs, dim),
+        model={"dim": dim, "heads": heads, "layers": layers, "recursions": recursions,
+               "capacities": CAPACITIES[:recursions], "fused_merge": fused_merge},
+    )
+
+
+def _grid_inputs(dim: int, shape: Shape, device: torch.device) -> tuple:
+    return make_inputs(shape, dim, device)

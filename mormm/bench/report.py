@@ -38,6 +38,14 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _config_note(model: dict) -> str:
+    """What `mormm bench --config` timed: the config and its router (built-in runs: nothing)."""
+    if "config" not in model:
+        return ""
+    router = "no router" if model["router"] is None else f"{model['router']} per {model['unit']}"
+    return f" of {', '.join(model['config'])}'s backbone ({router}, kv {model['kv_mode']})"
+
+
 def markdown(result: dict) -> str:
     env = result["env"]
     threads = ""
@@ -49,8 +57,9 @@ def markdown(result: dict) -> str:
         f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}"
         f"{threads}; code {env.get('code') or 'unrecorded'}; "
         f"dim {result['model']['dim']}, {result['model']['heads']} heads, effective depth "
-        f"{result['model']['layers']}, N_r = {result['model']['recursions']} (cycle), capacities "
-        f"{result['model']['capacities']}"
+        f"{result['model']['layers']}, N_r = {result['model']['recursions']} "
+        f"({result['model'].get('sharing', 'cycle')}), capacities "
+        f"{result['model']['capacities']}{_config_note(result['model'])}"
         f"{'' if result['model'].get('fused_merge', True) else ', unfused step merges'}"
         "; precision: "
         f"{'bf16 autocast (fp32 weights)' if env['device'] == 'cuda' else 'fp32'}, unless the "
