@@ -12,6 +12,9 @@ mode: realised speedup, FLOP-ratio bound (vanilla FLOPs / variant FLOPs) and the
 
     python -m mormm.bench.harness --out benchmarks/results          # GPU, all shapes
     python -m mormm.bench.harness --small --device cpu --out /tmp/b # CPU smoke test (seconds)
+    mormm bench --config configs/audio/events.yaml --data.batch_size 64   # a config's own model
+
+With --config the shapes and variants are the config's (from_config.py).
 
 The variants of one shape and mode are timed in turns (rep 1 of each, rep 2 of each, ...), so a
 drift of the machine during the run does not decide a ratio. Writes <out>/<device-name>.json and
@@ -22,13 +25,13 @@ a.json b.json` combines calls of one device. No speed is asserted anywhere.
 from __future__ import annotations
 
 import argparse
-from argparse import ArgumentError
 import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from argparse import ArgumentError
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -276,7 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for <device>.json and .md")
     p.add_argument("--name", default=None, help="file stem (default: device name)")
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
-    args, args.overrides = p.parse_known_args(argv)
+    args, overrides = p.parse_known_args(argv)
+    args.overrides = overrides  # LightningCLI's, with --config
     if args.config is None:
         if args.overrides:
             p.error(f"unrecognized arguments: {' '.join(args.overrides)} (LightningCLI "

@@ -63,7 +63,7 @@ def width(small: bool) -> tuple[int, int]:
 class Variant:
     name: str
     sharing: str = "cycle"
-    router: str | None = None  # "ec" expert-choice, "tc" token-choice
+    router: str | None = None  # "ec" expert-choice, "tc" token-choice; --config: its class
     kv_mode: str = "recursion"
     unit: str = "token"
 
