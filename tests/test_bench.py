@@ -149,6 +149,8 @@ def test_a_configs_backbone_is_timed_on_a_batch_of_its_data_against_its_baseline
     assert "--shapes: the config decides its model and data" in capsys.readouterr().err
     assert 2 == main(["bench", "--config", "configs/nope.yaml", "--device", "cpu"])
     assert "--config configs/nope.yaml: no such file" in capsys.readouterr().err
+    assert 2 == main(["bench", "--config", config, "--device", "cpu", "--split", "nowhere"])
+    assert "--split nowhere: neither a split of the dataset" in capsys.readouterr().err
 
 
 def test_result_files_name_the_commit_they_ran_on(tmp_path, monkeypatch):

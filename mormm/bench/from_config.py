@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from encoders.tokens import Tokens
 from mormm.backbone import MoRBackbone
 from mormm.bench.models import Shape, Suite, Variant, randomize_router
+from mormm.data.datamodule import SPLITS
 
 
 class TokensBench(nn.Module):
@@ -115,6 +116,9 @@ def _load(configs: list[str], overrides: list[str], split: str):
     for c in configs:
         if not Path(c).is_file():
             raise FileNotFoundError(f"--config {c}: no such file")
+    if split not in SPLITS and not Path(split).expanduser().exists():
+        raise ValueError(f"--split {split}: neither a split of the dataset ({', '.join(SPLITS)}) "
+                         "nor an existing media file or folder")
     # One batch is read: no worker processes unless the overrides ask for them.
     return model_and_data(configs, ["--data.num_workers", "0", *overrides,
                                     "--data.predict_from", split])
