@@ -50,7 +50,6 @@ from mormm.bench.models import (
     Shape,
     Suite,
     Variant,
-    build_model,
     builtin_suite,
     width,
 )
@@ -135,8 +134,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs,
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
     if build is None:
-        build = partial(build_model, dim=args.dim, heads=args.heads, layers=args.layers,
-                        recursions=args.recursions, fused_merge=args.fused_merge)
+        build = make_suite(args, device).build
     model = build(variant).to(device)
     if args.precision == "bf16":  # bf16 weights and residual stream (precision bf16-true)
         model.to(torch.bfloat16)
@@ -378,12 +376,11 @@ def _warm(argv: list[str], plan, jobs: int) -> None:
         list(pool.map(one, todo))
 
 
-def run(args: argparse.Namespace, on_group=None, suite: Suite | None = None) -> dict:
-    """Every planned row of `suite` (default make_suite(args)), timed group by group (one shape
-    and mode); `on_group(result)` gets the result so far after each group, so a run stopped
-    part-way keeps what it measured."""
+def run(args: argparse.Namespace, suite: Suite, on_group=None) -> dict:
+    """Every planned row of `suite` (make_suite), timed group by group (one shape and mode);
+    `on_group(result)` gets the result so far after each group, so a run stopped part-way keeps
+    what it measured."""
     device = torch.device(args.device)
-    suite = suite or make_suite(args, device)
     plan = _plan(args, suite)
     # The variants of one shape and mode are timed in turns (see time_alternating); a compiled
     # model per variant stays alive meanwhile, so allow dynamo that many compiled entries.
@@ -466,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         _warm([a for a in argv], _plan(args, suite), args.warm_jobs)
         print(f"warm-up compile: {time.perf_counter() - t0:.0f} s", flush=True)
-    result = run(args, None if args.out is None else partial(write, args), suite)
+    result = run(args, suite, None if args.out is None else partial(write, args))
     if not args.warm_only:
         print(markdown(result))
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -174,11 +173,7 @@ def builtin_suite(small: bool, batch: int | None, dim: int, heads: int, layers: 
         shapes=shape_table(small, batch),
         variants=VARIANTS,
         build=lambda v: build_model(v, dim, heads, layers, recursions, fused_merge),
-        inputs=partial(_grid_inputs, dim),
+        inputs=lambda shape, device: make_inputs(shape, dim, device),
         model={"dim": dim, "heads": heads, "layers": layers, "recursions": recursions,
                "capacities": CAPACITIES[:recursions], "fused_merge": fused_merge},
     )
-
-
-def _grid_inputs(dim: int, shape: Shape, device: torch.device) -> tuple:
-    return make_inputs(shape, dim, device)
