@@ -365,6 +365,31 @@ def test_train_host_times_each_phase_of_a_training_step(tmp_path):
     assert "| image | mor_ec |" in table.read_text()
 
 
+def test_host_bound_times_each_variant_alone_in_turns_and_issued(tmp_path):
+    """benchmarks/host_bound.py on the CPU's tiny shapes: every column but the CUDA graph's
+    timed for each variant, the ratios taken over vanilla, and a baseline other than vanilla
+    refused."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_bound.py"
+    result, table = tmp_path / "hb.json", tmp_path / "hb.md"
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, str(script), "--device", "cpu", "--small", "--shapes", "image",
+         "--reps", "2", *extra], capture_output=True, text=True, cwd=tmp_path)
+    assert run("--variants", "vanilla,mor_ec", "--json", str(result), "--md", str(table)).returncode == 0
+    rows = json.loads(result.read_text())["shapes"]["image"]
+    assert [r["variant"] for r in rows] == ["vanilla", "mor_ec"]
+    for r in rows:
+        assert r["graphed"] is None  # no CUDA graphs on the CPU
+        assert min(r[c] for c in ("alone", "turns", "host", "host_b1")) > 0
+    ratio = rows[0]["alone"] / rows[1]["alone"]
+    assert f"| mor_ec | {rows[1]['alone']:.2f} |" in table.read_text()
+    assert f"| {ratio:.2f} | - |" in table.read_text()
+    refused = run("--variants", "mor_ec,vanilla")
+    assert refused.returncode == 2 and "must start with vanilla" in refused.stderr
+
+
 def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_path):
     """benchmarks/eval_loop.py on the CPU's tiny width: Lightning's test loop timed per variant
     and mode, and the depth-wise run's logged metrics checked against the batch-by-batch run's."""
