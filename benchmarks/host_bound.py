@@ -14,7 +14,6 @@ checks that the harness's alternation does not itself slow a variant.
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import torch
@@ -84,8 +83,9 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = short_args.parser(__doc__, "vanilla,recursive,mor_ec,mor_tc")
-    p.add_argument("--dim", type=int, default=None, help="width (default: the harness's)")
-    p.add_argument("--md", help="also write the table here")
+    p.add_argument("--dim", type=int, default=None,
+                   help="width, with dim / 64 heads (default: the harness's)")
+    short_args.add_md(p)
     args = p.parse_args()
     device, device_name = short_args.device(args)
     dim, heads = default_width(args.small)
@@ -101,14 +101,7 @@ def main() -> None:
               for v in names}
     for s, shape in shapes.items():
         result["shapes"][s] = measure(models, shape, dim, device, args.reps)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table)
+    short_args.emit(args, result, markdown(result))
 
 
 if __name__ == "__main__":

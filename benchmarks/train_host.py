@@ -15,7 +15,6 @@ extra use, before it accumulates them (benchmarks/README.md).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -70,7 +69,7 @@ def main() -> None:
     p = short_args.parser(__doc__, "vanilla,mor_ec,mor_tc")
     p.add_argument("--dim", type=int, default=None, help="width (default: the harness's)")
     p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--md", help="also write the table here")
+    short_args.add_md(p)
     args = p.parse_args()
     device, device_name = short_args.device(args)
     dim, heads = default_width(args.small)
@@ -89,14 +88,7 @@ def main() -> None:
             del model, opt
     result = {"device": device_name, "torch": torch.__version__, "code": code_version(),
               "rows": rows}
-    table = markdown(result)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table)
+    short_args.emit(args, result, markdown(result))
 
 
 if __name__ == "__main__":
