@@ -37,3 +37,9 @@ def random_tokens(B, N, dim, lengths=None, segments=None, seed=0, scale=1.0) -> 
         num_segments=num_segments,
         max_segment_len=max_len,
     )
+
+
+def on_device(tokens: Tokens, device) -> Tokens:
+    """The same tokens with every tensor on `device`."""
+    return tokens.replace(**{k: v.to(device) for k, v in vars(tokens).items()
+                             if isinstance(v, torch.Tensor)})

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import random_tokens, randomize_router
+from helpers import on_device, random_tokens, randomize_router
 from mormm.backbone import (
     BackboneConfig,
     ExpertChoiceRouter,
@@ -32,12 +32,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Skipped only without Triton: with it, a CPU run without the interpreter (conftest) fails
 # loudly instead of skipping.
 needs_kernel = pytest.mark.skipif(fused.triton is None, reason="needs Triton")
-
-
-def _to(tokens, device=DEVICE):
-    return tokens.replace(**{f.name: getattr(tokens, f.name).to(device)
-                             for f in dataclasses.fields(tokens)
-                             if isinstance(getattr(tokens, f.name), torch.Tensor)})
 
 
 @needs_kernel
@@ -211,7 +205,8 @@ def test_fused_forward_equals_unfused(monkeypatch, router_cls, segments, cfg, sc
     """Same hidden states, depths and step traces as the unfused ops; the kernel really ran, and
     handed its scores to every later expert-choice step."""
     on, off = _pair(router_cls, "token" if segments is None else "segment", **cfg)
-    tokens = _to(random_tokens(2, 24, 32, segments=None if segments is None else 4))
+    tokens = on_device(random_tokens(2, 24, 32, segments=None if segments is None else 4),
+                       DEVICE)
     if segments == "blocks":
         tokens = tokens.replace(contiguous_segments=True)
     folded = []
@@ -243,13 +238,13 @@ def test_fused_merge_only_where_it_applies(monkeypatch):
     on, off = _pair(ExpertChoiceRouter)
     folded = []
     calls = _spy(monkeypatch, folded)
-    tokens = _to(random_tokens(2, 24, 32))
+    tokens = on_device(random_tokens(2, 24, 32), DEVICE)
     on(tokens)  # grad enabled
     with torch.no_grad():
         off(tokens)
         with FlopCounterMode(display=False):
             on(tokens)
-        on(_to(random_tokens(2, 24, 32, lengths=[24, 17])))
+        on(on_device(random_tokens(2, 24, 32, lengths=[24, 17]), DEVICE))
     assert calls == []
     gathers = []
     gather = fused.gather_rows
@@ -323,7 +318,8 @@ def test_token_choice_bookkeeping_runs_fused_where_the_merges_do(monkeypatch, un
     test_fused_forward_equals_unfused); not in training, nor with the fused merges off."""
     on, off = _pair(TokenChoiceRouter, unit)
     ran = _spy_routing(monkeypatch)
-    tokens = _to(random_tokens(2, 24, 32, segments=None if unit == "token" else 4))
+    tokens = on_device(random_tokens(2, 24, 32, segments=None if unit == "token" else 4),
+                       DEVICE)
     tokens = tokens.replace(contiguous_segments=unit == "segment")
     on(tokens)
     with torch.no_grad():
@@ -339,7 +335,7 @@ def test_token_choice_bookkeeping_runs_fused_over_padded_clips_too(monkeypatch):
     its steps' attention offsets still run as one launch each, with the same outputs."""
     on, off = _pair(TokenChoiceRouter)
     ran = _spy_routing(monkeypatch)
-    tokens = _to(random_tokens(2, 24, 32, lengths=[24, 17]))
+    tokens = on_device(random_tokens(2, 24, 32, lengths=[24, 17]), DEVICE)
     assert not on.router.compact(on._units(tokens))
     with torch.no_grad():
         a, b = on(tokens), off(tokens)
@@ -355,7 +351,8 @@ def test_fused_forward_on_cuda_under_autocast(unit):
     unfused ops. Scores sum in another order, so near-ties may rank differently: compare the
     selections' overlap and the outputs of tokens with equal depth."""
     on, off = _pair(ExpertChoiceRouter, unit)
-    tokens = _to(random_tokens(4, 96, 32, segments=4 if unit == "segment" else None))
+    tokens = on_device(random_tokens(4, 96, 32, segments=4 if unit == "segment" else None),
+                       DEVICE)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         a, b = on(tokens), off(tokens)
     same = a.depth == b.depth
@@ -374,7 +371,7 @@ def test_compiled_forward_runs_the_kernel_on_cuda(monkeypatch, router_cls):
     calls = _spy(monkeypatch)
     compiled = torch.compile(on)
     for B, N in ((4, 96), (3, 96), (5, 80)):
-        tokens = _to(random_tokens(B, N, 32))
+        tokens = on_device(random_tokens(B, N, 32), DEVICE)
         calls.clear()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
             a, b = compiled(tokens), off(tokens)
@@ -395,7 +392,7 @@ def test_compiled_inference_in_the_cpp_wrapper_then_training_in_the_python_one(r
     torch._dynamo.reset()
     on, off = _pair(router_cls)
     compiled = torch.compile(on, options=compile_options())
-    tokens = _to(random_tokens(4, 96, 32))
+    tokens = on_device(random_tokens(4, 96, 32), DEVICE)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         with inference_config(None, DEVICE):
             a = compiled(tokens)

@@ -3,12 +3,10 @@ its own forward, while every shared layer runs once per call over all the batche
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from helpers import random_tokens, randomize_router
+from helpers import on_device, random_tokens, randomize_router
 from mormm.backbone import BackboneConfig, ExpertChoiceRouter, MoRBackbone, TokenChoiceRouter
 from mormm.backbone import depthwise, fused
 from mormm.backbone.depthwise import DepthwiseBatcher
@@ -39,9 +37,7 @@ def _stream(segments=None, contiguous=False, device="cpu"):
     out = []
     for seed, (B, N) in enumerate(sizes):
         t = random_tokens(B, N, 32, segments=segments, seed=seed)
-        tensors = {f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t)
-                   if isinstance(getattr(t, f.name), torch.Tensor)}
-        out.append(dataclasses.replace(t, contiguous_segments=contiguous, **tensors))
+        out.append(on_device(t, device).replace(contiguous_segments=contiguous))
     return out
 
 

@@ -11,11 +11,12 @@ path at inference), in training and depth-wise, over unpadded and padded clips.
 import pytest
 import torch
 
-from helpers import random_tokens
+from helpers import on_device, random_tokens
 from mormm.backbone import DepthwiseBatcher
 from mormm.bench.models import VARIANTS, build_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA notion")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="host syncs are a CUDA notion")
 DEV = torch.device("cuda")
 
 
@@ -26,9 +27,7 @@ def _backbone(name: str):
 
 def _tokens(padded: bool, B: int = 4, N: int = 48):
     lengths = [N, N - 8, N - 16, N - 20] if padded else None
-    tokens = random_tokens(B, N, 64, lengths=lengths, segments=6)
-    return tokens.replace(**{k: v.to(DEV) for k, v in vars(tokens).items()
-                             if isinstance(v, torch.Tensor)})
+    return on_device(random_tokens(B, N, 64, lengths=lengths, segments=6), DEV)
 
 
 class _NoSyncs:
