@@ -74,7 +74,8 @@ def test_compiled_modes_time_inference_as_mormm_module_compiles_it(monkeypatch):
         ("eager", None, None),
     ):
         compiled.clear(), configs.clear()
-        case = harness.prepare(shape, VARIANTS["mor_ec"], mode, args, device, inputs)
+        case = harness.prepare(shape, VARIANTS["mor_ec"], mode, args, device, inputs,
+                               harness.make_suite(args, device).build)
         case.infer()
         assert compiled == ([] if options is None else [{"options": options}])
         # every inference call enters it: prepare's two (compile, peak memory) and this one
@@ -104,7 +105,7 @@ def test_depthwise_rows_time_a_stream_through_the_batcher_against_vanilla_eager(
     shape = shape_table(small=True)["audio1s"]
     inputs = make_inputs(shape, args.dim, torch.device("cpu"))
     case = harness.prepare(shape, VARIANTS["mor_ec"], "depthwise", args, torch.device("cpu"),
-                           inputs)
+                           inputs, harness.make_suite(args, torch.device("cpu")).build)
     out = case.infer()  # prepare filled the pipeline: every call now returns a finished batch
     assert out.hidden.shape == (shape.batch, shape.tokens, args.dim)
     with torch.no_grad():

@@ -128,13 +128,11 @@ class Case:
 
 
 def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs,
-            build: Callable[[Variant], nn.Module] | None = None) -> Case:
-    """Build (`build`, default the built-in variants at args' width), count (FLOPs, kernels),
-    compile or capture, and measure peak memory of one case."""
+            build: Callable[[Variant], nn.Module]) -> Case:
+    """Build (`build`: the suite's, make_suite), count (FLOPs, kernels), compile or capture, and
+    measure peak memory of one case."""
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
-    if build is None:
-        build = make_suite(args, device).build
     model = build(variant).to(device)
     if args.precision == "bf16":  # bf16 weights and residual stream (precision bf16-true)
         model.to(torch.bfloat16)
