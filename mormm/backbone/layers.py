@@ -20,6 +20,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mormm.backbone import fused_routing
+from mormm.backbone.casts import CastOnceLinear
 from mormm.backbone.rotary import apply_rotary
 
 Rope = Tensor | None  # rotation table (B, K, 2, Dh), see rotary.py
@@ -136,8 +137,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = CastOnceLinear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = CastOnceLinear(dim, dim)
 
     def _out(self, o: Tensor) -> Tensor:
         B, _, K, _ = o.shape
@@ -166,8 +167,8 @@ class Attention(nn.Module):
         """Queries from x attend to given keys/values (recursive KV sharing): only the query
         slice of the fused projection runs, so K/V projections are skipped entirely."""
         B, K, D = x.shape
-        bias = None if self.qkv.bias is None else self.qkv.bias[:D]
-        q = F.linear(x, self.qkv.weight[:D], bias).view(B, K, self.num_heads, self.head_dim)
+        weight, bias = self.qkv.weights()
+        q = F.linear(x, weight[:D], None if bias is None else bias[:D]).view(B, K, self.num_heads, self.head_dim)
         if rope is not None:
             q = apply_rotary(q, rope)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), *kv, attn_mask=_key_mask(key_valid))
@@ -181,8 +182,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = CastOnceLinear(dim, hidden)
+        self.fc2 = CastOnceLinear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from encoders.tokens import Tokens
 from mormm.backbone import fused
+from mormm.backbone.casts import cast_once
 from mormm.backbone.config import BackboneConfig
 from mormm.backbone.layers import Block, PrefixKeys
 from mormm.backbone.outputs import BackboneOutput, StepTrace
@@ -105,6 +106,12 @@ class MoRBackbone(nn.Module):
         weights = _linears_cast_once(self, tokens.embeddings)
         if weights is not None:  # the call below sees cast weights and takes the normal path
             return torch.func.functional_call(self, weights, (tokens,))
+        if not self.plan.reuses_weights:  # vanilla: each weight is cast once anyway
+            return self._forward(tokens)
+        with cast_once(tokens.embeddings):  # eager inference under autocast (casts.py)
+            return self._forward(tokens)
+
+    def _forward(self, tokens: Tokens) -> BackboneOutput:
         x, rope = self.enter(tokens)
         valid = tokens.valid  # (B, N) or None
         losses: dict[str, Tensor] = {}

@@ -75,6 +75,11 @@ class SharingPlan:
     coda: tuple[int, ...]
     num_weights: int
 
+    @property
+    def reuses_weights(self) -> bool:
+        """Whether some weights run more than once per forward (every strategy but none)."""
+        return self.num_weights < len(self.prelude) + sum(map(len, self.steps)) + len(self.coda)
+
 
 def sharing_plan(strategy: str, num_layers: int, num_recursions: int) -> SharingPlan:
     schedule = layer_schedule(strategy, num_layers, num_recursions)
