@@ -22,7 +22,7 @@ from mormm.bench.models import CAPACITIES, DEPTH, VARIANTS, Shape, build_model, 
 from mormm.bench.models import shape_table
 from mormm.bench.models import width as default_width
 from mormm.bench.report import code_version
-from mormm.bench.timing import autocast, cuda_graph, host_times, sync, time_alternating, timed
+from mormm.bench.timing import cuda_graph, host_times, inference, sync, time_alternating, timed
 
 import short_args  # benchmarks/, beside this script
 
@@ -31,7 +31,7 @@ COLUMNS = ("alone", "turns", "graphed", "host", "host_b1")
 
 def _forward(model, inputs, device, cache: bool = True):
     def call():
-        with torch.no_grad(), autocast(device, cache):
+        with inference(device, cache):
             return model(*inputs)
     return call
 

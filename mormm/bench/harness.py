@@ -59,6 +59,7 @@ from mormm.bench.timing import (
     count_flops,
     cuda_graph,
     host_times,
+    inference,
     peak,
     sync,
     time_alternating,
@@ -160,7 +161,7 @@ def prepare(shape: Shape, variant: Variant, mode: str, args, device, inputs,
         # Inference graphs compile as MoRModule's do (inference_config: the C++ wrapper on CUDA).
         config = (inference_config(COMPILE_MODES[mode], device) if mode in COMPILE_MODES
                   else nullcontext())
-        with torch.no_grad(), autocast(device, cache=mode != "graphed"), config:
+        with inference(device, cache=mode != "graphed"), config:
             return fn(*batch)
 
     infer = partial(forward, inputs, fn_model)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -83,6 +85,16 @@ def peak(fn, device: torch.device, base: int) -> float | None:
     fn()
     sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+@contextmanager
+def inference(device: torch.device, cache: bool = True) -> Iterator[None]:
+    """What inference is timed under: torch.inference_mode, as Lightning's validate, test and
+    predict run the model, and autocast. Autocast caches no weight casts in inference mode
+    (mormm/backbone/casts.py casts the shared layers' once per forward), so no_grad would time
+    a path users do not take."""
+    with torch.inference_mode(), autocast(device, cache):
+        yield
 
 
 def autocast(device: torch.device, cache: bool = True):
