@@ -5,11 +5,12 @@ the host. The lent hosts differ by up to 2x in speed, and one host drifts by 10 
 one process to the next, so the two codes are loaded side by side into one process (each
 model keeps the module objects it was built from) and timed in turns: for each shape and
 variant, the wall time per forward at the shape's batch and the host's time to issue a forward
-at batch 1 (bf16 autocast, one autocast region per forward, as the harness opens). Prints a
-markdown table, B against A.
+at batch 1 (bf16 autocast, one autocast region per forward, as the harness opens; gradients
+off as Lightning's validate, test and predict turn them off, in inference mode, or under
+`--no-grad` as the harness did before 33b64dd). Prints a markdown table, B against A.
 
     python benchmarks/code_ab.py A_DIR B_DIR [--shapes audio1s,image] [--variants ...]
-        [--json out.json] [--device cpu --small]     # the last two: the CI smoke test
+        [--no-grad] [--json out.json] [--device cpu --small]  # the last two: the CI smoke test
 
 A_DIR and B_DIR each hold the `mormm` and `encoders` packages of one code
 (`git archive REV mormm encoders | tar -x -C DIR`).
@@ -41,7 +42,7 @@ def load(tree: str):
         timing = importlib.import_module("mormm.bench.timing")
     finally:
         sys.path.remove(tree)
-    if not models.__file__.startswith(str(Path(tree).resolve())):
+    if not Path(models.__file__).resolve().is_relative_to(Path(tree).resolve()):
         raise RuntimeError(f"mormm was imported from {models.__file__}, not from {tree}: run "
                            "where no other mormm is importable")
     return models, timing
@@ -51,7 +52,11 @@ def main() -> None:
     p = short_args.parser(__doc__, "vanilla,recursive,mor_ec,mor_tc")
     p.add_argument("a")
     p.add_argument("b")
+    p.add_argument("--no-grad", action="store_true",
+                   help="torch.no_grad instead of torch.inference_mode (where autocast caches "
+                        "weight casts: mormm/backbone/casts.py)")
     args = p.parse_args()
+    grad_off = torch.no_grad if args.no_grad else torch.inference_mode
     shapes, variants = args.shapes.split(","), args.variants.split(",")
     dev, device_name = short_args.device(args)
     codes = {"A": load(args.a), "B": load(args.b)}
@@ -69,7 +74,7 @@ def main() -> None:
                                            len(models.CAPACITIES)).to(dev).eval()
 
                 def forward(model, batch, autocast=code_timing.autocast):
-                    with torch.no_grad(), autocast(dev):
+                    with grad_off(), autocast(dev):
                         return model(*batch)
 
                 fns.append(partial(forward, model, inputs))
@@ -83,7 +88,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print(f"# {args.a} (A) against {args.b} (B): {device_name}, "
-          f"torch {torch.__version__}, one process, in turns\n")
+          f"torch {torch.__version__}, {grad_off.__name__}, one process, in turns\n")
     print("| shape | variant | host ms at batch 1, A / B | wall ms at the shape's batch, A / B "
           "| B / A wall | speedup over vanilla, A / B |")
     print("|---|---|---|---|---|---|")
@@ -99,7 +104,7 @@ def main() -> None:
                   f"{b['wall_ms']:.2f} | {b['wall_ms'] / a['wall_ms']:.3f} | {speed} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"a": args.a, "b": args.b, "device": device_name,
+            json.dump({"a": args.a, "b": args.b, "device": device_name, "grad": grad_off.__name__,
                        "torch": torch.__version__, "rows": result}, f, indent=1)
 
 

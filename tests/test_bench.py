@@ -316,7 +316,9 @@ def test_code_ab_times_two_checkouts_side_by_side_in_one_process(tmp_path):
                           "--small", "--shapes", "image", "--variants", "vanilla,mor_ec",
                           "--reps", "2", "--json", str(result)],
                          capture_output=True, text=True, check=True, cwd=tmp_path)
-    rows = json.loads(result.read_text())["rows"]["image"]
+    timed = json.loads(result.read_text())
+    assert timed["grad"] == "inference_mode"  # as Lightning evaluates and predicts
+    rows = timed["rows"]["image"]
     assert set(rows) == {"A/vanilla", "A/mor_ec", "B/vanilla", "B/mor_ec"}
     assert all(r["wall_ms"] > 0 and r["host_ms"] > 0 for r in rows.values())
     assert "| image | mor_ec |" in out.stdout and "speedup over vanilla, A / B" in out.stdout
