@@ -2,17 +2,17 @@
 
 Under autocast a linear casts its fp32 weight and bias at every call. Autocast caches those
 casts for its region, so a layer that a recursive backbone applies N_r times casts them once:
-but not under `torch.inference_mode()` (PyTorch leaves the cache off there since 2.9,
-pytorch#158232), which is how Lightning runs validate, test and predict, nor in a region opened
-with `cache_enabled=False`, as CUDA-graph capture needs. There every use cast again: at N_r = 4
-an expert-choice forward cast 24 tensors 4 times each, 72 launches (host time on short clips)
-and copies that vanilla, which uses each weight once, does not pay.
+but not under `torch.inference_mode()` (PyTorch turned the cache off there for pytorch#158232),
+which is how Lightning runs validate, test and predict, nor in a region opened with
+`cache_enabled=False`, as CUDA-graph capture needs. There every use cast again: at N_r = 4 an
+expert-choice forward cast its 24 shared tensors 4 times each, 72 launches more than needed
+(host time on short clips, and copies on the GPU) where vanilla uses each weight once.
 
-`cast_once(model)` opens a forward's cache; a `CastOnceLinear` casts its weight and bias on its
-first call in it and reuses them. The values are autocast's own casts (`Tensor.to`), and autocast
-then leaves the bf16 weights alone, so outputs do not change. Training keeps autocast's per-use
-casts (their gradients reach the fp32 weights in fp32), and compiled graphs take theirs from
-recursion._linears_cast_once.
+`cast_once(x)`, around MoRBackbone's forward, opens a forward's cache; a `CastOnceLinear`
+casts its weight and bias on its first call in it and reuses them. The values are autocast's
+own casts (`Tensor.to`), and autocast then leaves the bf16 weights alone, so outputs do not
+change. Training keeps autocast's per-use casts (their gradients reach the fp32 weights in
+fp32), and compiled graphs take theirs from recursion._linears_cast_once.
 """
 
 from __future__ import annotations

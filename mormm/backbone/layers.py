@@ -168,7 +168,8 @@ class Attention(nn.Module):
         slice of the fused projection runs, so K/V projections are skipped entirely."""
         B, K, D = x.shape
         weight, bias = self.qkv.weights()
-        q = F.linear(x, weight[:D], None if bias is None else bias[:D]).view(B, K, self.num_heads, self.head_dim)
+        q = F.linear(x, weight[:D], None if bias is None else bias[:D])
+        q = q.view(B, K, self.num_heads, self.head_dim)
         if rope is not None:
             q = apply_rotary(q, rope)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), *kv, attn_mask=_key_mask(key_valid))
