@@ -488,6 +488,44 @@ def test_evaluation_statistics_are_the_batches_means_weighted_by_size(tmp_path: 
         assert logged[f"val/{k}"] == pytest.approx(v / sizes, rel=1e-6), k
 
 
+@pytest.mark.parametrize("chunk", [2, 32])
+def test_evaluation_metrics_are_the_batches_updates_in_chunks(tmp_path: Path, monkeypatch, chunk):
+    """The metrics take the epoch's logits METRIC_CHUNK batches at a time (one wait for the
+    device per chunk): validate and test log what updating them batch by batch gives, with
+    chunks that end mid-epoch (2 of 7 batches) or only at its end (32), epoch after epoch."""
+    import lightning as L
+
+    import mormm.lit
+
+    monkeypatch.setattr(mormm.lit, "METRIC_CHUNK", chunk)
+    module = _depthwise_module()
+    module.hparams.depthwise = False
+    batches = _audio_batches([None] * 7)
+    for i, b in enumerate(batches):
+        b["label"] = torch.tensor([i % 4, (i * 3 + 1) % 4])
+    reference = module.val_metrics.clone(prefix="val/")
+    with torch.inference_mode():
+        for b in batches:
+            reference.update(module(b).logits, b["label"])
+    expected = {k: float(v) for k, v in reference.compute().items()}
+    assert 0.0 < expected["val/acc"] < 1.0  # neither all right nor all wrong: a real check
+    rows = []  # rows per update of the validation metrics
+    update = module.val_metrics.update
+    monkeypatch.setattr(module.val_metrics, "update",
+                        lambda preds, target: rows.append(len(target)) or update(preds, target))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    for _ in range(2):  # nothing held over from the last epoch
+        rows.clear()
+        (logged,) = trainer.validate(module, loader)
+        assert rows == ([4, 4, 4, 2] if chunk == 2 else [14])  # every clip, chunk by chunk
+        assert logged["val/acc"] == pytest.approx(expected["val/acc"], abs=1e-6)
+        (tested,) = trainer.test(module, loader)
+        assert tested["test/acc"] == pytest.approx(expected["val/acc"], abs=1e-6)
+    assert module._pending == []
+
+
 @pytest.mark.parametrize("router", ["ec", "tc", None])
 def test_depth_and_router_statistics_follow_their_per_step_definitions(router):
     """depth_stats and the expert-choice statistics, computed for every step at once, equal
