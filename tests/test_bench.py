@@ -413,6 +413,27 @@ def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_p
     assert "| 1 s | 2 | mor_ec | depthwise |" in out.stdout
 
 
+def test_metric_chunks_times_the_loop_with_both_update_sizes(tmp_path):
+    """benchmarks/metric_chunks.py on the CPU's tiny width: each variant and mode timed with its
+    metrics updated per batch and METRIC_CHUNK batches at a time, and the default restored."""
+    import sys
+    from pathlib import Path
+
+    from mormm.lit import METRIC_CHUNK
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_chunks.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--clips",
+                          "1:2", "--variants", "vanilla,mor_ec", "--batches", "3", "--reps", "1",
+                          "--out", str(tmp_path), "--name", "chunks"],
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    rows = json.loads((tmp_path / "chunks.json").read_text())["rows"]
+    assert [(r["variant"], r["mode"], r["chunk"]) for r in rows] == [
+        (v, m, c) for v, m in (("vanilla", "eager"), ("mor_ec", "eager"), ("mor_ec", "depthwise"))
+        for c in (1, METRIC_CHUNK)]
+    assert all(r["ms_per_batch"] > 0 and len(r["times_s"]) == 1 for r in rows)
+    assert "| 1 s | 2 | mor_ec | depthwise |" in out.stdout
+
+
 def test_eval_loop_clock_covers_the_modules_epoch_end(monkeypatch):
     """The module's on_test_epoch_end finishes the depth-wise batches still in flight; Lightning
     calls it after callbacks' epoch-end hooks, so a clock stopped there would leave it out."""
