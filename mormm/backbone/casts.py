@@ -32,11 +32,11 @@ _CASTS: ContextVar[tuple[torch.dtype, dict] | None] = ContextVar("mormm_casts", 
 @contextmanager
 def cast_once(x: Tensor) -> Iterator[None]:
     """Within it, each CastOnceLinear casts its weights once: for an eager inference forward
-    on `x` under autocast (grad off, not compiling); elsewhere, or inside an open cache (the
-    outer forward's), it does nothing."""
+    on `x` under autocast (grad off; never entered while compiling: dynamo cannot trace the
+    ContextVar); elsewhere, or inside an open cache (the outer forward's), it does nothing."""
     device = x.device.type
     if (torch.is_grad_enabled() or not torch.is_autocast_enabled(device)
-            or torch.compiler.is_compiling() or _CASTS.get() is not None):
+            or _CASTS.get() is not None):
         yield
         return
     token = _CASTS.set((torch.get_autocast_dtype(device), {}))
@@ -53,6 +53,8 @@ class CastOnceLinear(nn.Linear):
     def weights(self) -> tuple[Tensor, Tensor | None]:
         """(weight, bias) as this call should use them: in a `cast_once` region, in its dtype,
         cast on the first call; elsewhere the parameters."""
+        if torch.compiler.is_compiling():  # no cast_once region there (dynamo cannot trace one)
+            return self.weight, self.bias
         active = _CASTS.get()
         if active is None or self.weight.dtype != torch.float32:
             return self.weight, self.bias

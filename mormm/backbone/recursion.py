@@ -106,7 +106,8 @@ class MoRBackbone(nn.Module):
         weights = _linears_cast_once(self, tokens.embeddings)
         if weights is not None:  # the call below sees cast weights and takes the normal path
             return torch.func.functional_call(self, weights, (tokens,))
-        if not self.plan.reuses_weights:  # vanilla: each weight is cast once anyway
+        if not self.plan.reuses_weights or torch.compiler.is_compiling():
+            # vanilla casts each weight once anyway; a compiled graph has its own way (above)
             return self._forward(tokens)
         with cast_once(tokens.embeddings):  # eager inference under autocast (casts.py)
             return self._forward(tokens)
