@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -83,29 +84,56 @@ def _test(module: MoRModule, batches: list[dict], device: torch.device, precisio
     return clock.seconds, {k: float(v) for k, v in metrics.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The options of a script that times this loop (this one, metric_chunks.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--clips", default="1:256,10:64", help="seconds:batch per clip length")
     p.add_argument("--variants", default="vanilla,mor_ec,mor_tc")
     p.add_argument("--batches", type=int, default=40)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--no-stats", action="store_true", help="no depth or router statistics")
+    p.add_argument("--reps", type=int, default=reps)
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="the harness's smoke-test width")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name")
+    return p
+
+
+def clips(args: argparse.Namespace) -> Iterator[tuple[float, int, list[dict], dict]]:
+    """Per clip length of --clips: its seconds, batch size, batches and a module per variant
+    and mode, {(variant, mode): MoRModule} (vanilla eager only, the others eager and
+    depth-wise)."""
+    dev = torch.device(args.device)
+    dim, heads = width(args.small)
+    for spec in args.clips.split(","):
+        seconds, batch = float(spec.split(":")[0]), int(spec.split(":")[1])
+        runs = {(v, m): _module(v, dim, heads, m == "depthwise")
+                for v in args.variants.split(",") for m in MODES.get(v, ("eager", "depthwise"))}
+        yield seconds, batch, _batches(seconds, batch, args.batches, dev), runs
+        runs.clear()  # this clip length's models, before the next one's
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def emit(args: argparse.Namespace, table: str, result: dict) -> None:
+    """Print the table; with --name, write it and the result (JSON) under --out."""
+    print(table)
+    if args.name:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.md").write_text(table)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    p = parser(__doc__, reps=5)
+    p.add_argument("--no-stats", action="store_true", help="no depth or router statistics")
     args = p.parse_args()
     if args.no_stats:
         MoRModule._statistics = lambda self, out: {}
     dev = torch.device(args.device)
     precision = "bf16-mixed" if dev.type == "cuda" else "32-true"
-    dim, heads = width(args.small)
     rows = []
-    for spec in args.clips.split(","):
-        seconds, batch = float(spec.split(":")[0]), int(spec.split(":")[1])
-        batches = _batches(seconds, batch, args.batches, dev)
-        runs = {(v, m): _module(v, dim, heads, m == "depthwise")
-                for v in args.variants.split(",") for m in MODES.get(v, ("eager", "depthwise"))}
+    for seconds, batch, batches, runs in clips(args):
         for module in runs.values():  # warm-up: kernels compiled and tuned, allocator grown
             _test(module, batches, dev, precision, limit=6)
         times = {key: [] for key in runs}
@@ -127,9 +155,6 @@ def main() -> None:
                          "clips_per_s": batch * args.batches / s,
                          "over_vanilla": None if base is None else base / s,
                          "times_s": t, "max_logged_diff": diff})
-        del runs
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
     env = environment(dev)
     lines = [f"# `mormm test`'s loop, eager against model.depthwise: {env['device_name']}, "
              f"torch {env['torch']}, code {env['code']}, {precision}, {args.batches} batches "
@@ -142,14 +167,8 @@ def main() -> None:
         diff = "-" if r["max_logged_diff"] is None else f"{r['max_logged_diff']:.1e}"
         lines.append(f"| {r['clip_s']:g} s | {r['batch']} | {r['variant']} | {r['mode']} | "
                      f"{r['ms_per_batch']:.2f} | {r['clips_per_s']:.0f} | {over} | {diff} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.name:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{args.name}.md").write_text(table)
-        result = {"environment": env, "statistics": not args.no_stats, "rows": rows}
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    emit(args, "\n".join(lines) + "\n",
+         {"environment": env, "statistics": not args.no_stats, "rows": rows})
 
 
 if __name__ == "__main__":
