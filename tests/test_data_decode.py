@@ -189,6 +189,13 @@ def test_sample_decoder_rejects_missing_modality_and_bad_bytes(tmp_path: Path):
         SampleDecoder(DecodeConfig(modalities=("audio",)), 3, False, train=False)(sample)
     with pytest.raises(ProbeError, match="unreadable"):
         probe_bytes(b"RIFF" + bytes(50), "wav")
+    # A label the dataset's index does not have: the sample is refused (skipped and counted by
+    # the pipeline), not passed on to fail the loss or, negative, to mark another class.
+    audio = DecodeConfig(modalities=("audio",))
+    for multi_label, label in ((False, "3"), (True, "0,-1"), (False, "-1")):
+        with pytest.raises(DecodeError, match=f"label {label.split(',')[-1]} is not a class of "
+                                              r"this dataset \(its index.json lists 3: 0..2\)"):
+            SampleDecoder(audio, 3, multi_label, train=False)(make_sample(tmp_path, "k", label, wav=wav))
 
 
 def test_collate_pads_audio_reports_lengths_and_indexes_views(tmp_path: Path):

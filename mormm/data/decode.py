@@ -234,6 +234,13 @@ class SampleDecoder:
                 return torch.zeros(self.num_classes)
             return torch.tensor(UNLABELLED, dtype=torch.long)
         indices = [int(v) for v in cls.decode().split(",")]
+        # Checked here, where the sample is skipped and counted: past this point an index out of
+        # range fails the loss on the device (or, negative, names another class multi-hot).
+        bad = [i for i in indices if not 0 <= i < self.num_classes]
+        if bad:
+            raise ValueError(f"label {bad[0]} is not a class of this dataset (its index.json "
+                             f"lists {self.num_classes}: 0..{self.num_classes - 1}); were these "
+                             "shards written with another index?")
         if not self.multi_label:
             return torch.tensor(indices[0], dtype=torch.long)
         target = torch.zeros(self.num_classes)
