@@ -98,11 +98,17 @@ def parser(doc: str, reps: int) -> argparse.ArgumentParser:
     return p
 
 
+def device_and_precision(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The device --device names and the Lightning precision the loop runs under there."""
+    dev = torch.device(args.device)
+    return dev, "bf16-mixed" if dev.type == "cuda" else "32-true"
+
+
 def clips(args: argparse.Namespace) -> Iterator[tuple[float, int, list[dict], dict]]:
     """Per clip length of --clips: its seconds, batch size, batches and a module per variant
     and mode, {(variant, mode): MoRModule} (vanilla eager only, the others eager and
     depth-wise)."""
-    dev = torch.device(args.device)
+    dev, _ = device_and_precision(args)
     dim, heads = width(args.small)
     for spec in args.clips.split(","):
         seconds, batch = float(spec.split(":")[0]), int(spec.split(":")[1])
@@ -130,8 +136,7 @@ def main() -> None:
     args = p.parse_args()
     if args.no_stats:
         MoRModule._statistics = lambda self, out: {}
-    dev = torch.device(args.device)
-    precision = "bf16-mixed" if dev.type == "cuda" else "32-true"
+    dev, precision = device_and_precision(args)
     rows = []
     for seconds, batch, batches, runs in clips(args):
         for module in runs.values():  # warm-up: kernels compiled and tuned, allocator grown

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 import eval_loop  # benchmarks/, beside this script
 import mormm.lit
 from mormm.bench.report import environment
@@ -25,8 +23,7 @@ DEFAULT = mormm.lit.METRIC_CHUNK
 
 def main() -> None:
     args = eval_loop.parser(__doc__, reps=3).parse_args()
-    dev = torch.device(args.device)
-    precision = "bf16-mixed" if dev.type == "cuda" else "32-true"
+    dev, precision = eval_loop.device_and_precision(args)
     rows = []
     for seconds, batch, batches, runs in eval_loop.clips(args):
         keys = [(v, m, c) for v, m in runs for c in (1, DEFAULT)]

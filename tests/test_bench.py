@@ -393,45 +393,44 @@ def test_host_bound_times_each_variant_alone_in_turns_and_issued(tmp_path):
     assert refused.returncode == 2 and "must start with vanilla" in refused.stderr
 
 
-def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_path):
-    """benchmarks/eval_loop.py on the CPU's tiny width: Lightning's test loop timed per variant
-    and mode, and the depth-wise run's logged metrics checked against the batch-by-batch run's."""
+def _time_loop(script: str, tmp_path) -> tuple[list[dict], str]:
+    """Run a benchmarks/ script that times mormm test's loop (eval_loop.parser's options) on the
+    CPU's tiny width, 3 batches of two 1 s clips, vanilla and expert-choice: its JSON rows and
+    its printed table."""
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_loop.py"
-    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--clips",
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    out = subprocess.run([sys.executable, str(path), "--device", "cpu", "--small", "--clips",
                           "1:2", "--variants", "vanilla,mor_ec", "--batches", "3", "--reps", "1",
                           "--out", str(tmp_path), "--name", "loop"],
                          capture_output=True, text=True, check=True, cwd=tmp_path)
-    rows = json.loads((tmp_path / "loop.json").read_text())["rows"]
+    return json.loads((tmp_path / "loop.json").read_text())["rows"], out.stdout
+
+
+def test_eval_loop_times_mormm_tests_loop_and_checks_the_depthwise_metrics(tmp_path):
+    """benchmarks/eval_loop.py on the CPU's tiny width: Lightning's test loop timed per variant
+    and mode, and the depth-wise run's logged metrics checked against the batch-by-batch run's."""
+    rows, stdout = _time_loop("eval_loop.py", tmp_path)
     assert [(r["variant"], r["mode"]) for r in rows] == [
         ("vanilla", "eager"), ("mor_ec", "eager"), ("mor_ec", "depthwise")]
     assert all(r["clips_per_s"] > 0 and len(r["times_s"]) == 1 for r in rows)
     assert rows[0]["over_vanilla"] == 1.0
     assert rows[2]["max_logged_diff"] is not None and rows[2]["max_logged_diff"] < 1e-5
-    assert "| 1 s | 2 | mor_ec | depthwise |" in out.stdout
+    assert "| 1 s | 2 | mor_ec | depthwise |" in stdout
 
 
 def test_metric_chunks_times_the_loop_with_both_update_sizes(tmp_path):
     """benchmarks/metric_chunks.py on the CPU's tiny width: each variant and mode timed with its
-    metrics updated per batch and METRIC_CHUNK batches at a time, and the default restored."""
-    import sys
-    from pathlib import Path
-
+    metrics updated per batch and METRIC_CHUNK batches at a time."""
     from mormm.lit import METRIC_CHUNK
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_chunks.py"
-    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--clips",
-                          "1:2", "--variants", "vanilla,mor_ec", "--batches", "3", "--reps", "1",
-                          "--out", str(tmp_path), "--name", "chunks"],
-                         capture_output=True, text=True, check=True, cwd=tmp_path)
-    rows = json.loads((tmp_path / "chunks.json").read_text())["rows"]
+    rows, stdout = _time_loop("metric_chunks.py", tmp_path)
     assert [(r["variant"], r["mode"], r["chunk"]) for r in rows] == [
         (v, m, c) for v, m in (("vanilla", "eager"), ("mor_ec", "eager"), ("mor_ec", "depthwise"))
         for c in (1, METRIC_CHUNK)]
     assert all(r["ms_per_batch"] > 0 and len(r["times_s"]) == 1 for r in rows)
-    assert "| 1 s | 2 | mor_ec | depthwise |" in out.stdout
+    assert "| 1 s | 2 | mor_ec | depthwise |" in stdout
 
 
 def test_eval_loop_clock_covers_the_modules_epoch_end(monkeypatch):
