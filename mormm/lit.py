@@ -256,8 +256,10 @@ class MoRModule(L.LightningModule):
         idx = batch["clip_index"].to(logits.device)
         clips = len(batch["label"])
         total = logits.new_zeros(clips, logits.shape[-1]).index_add_(0, idx, logits)
-        count = torch.bincount(idx, minlength=clips).clamp(min=1)
-        return total / count[:, None].to(logits.dtype)
+        # Views counted by index_add_, not bincount, which on CUDA reads the indices' range
+        # back to the host: a wait for the device in every evaluation step.
+        count = logits.new_zeros(clips).index_add_(0, idx, logits.new_ones(idx.shape))
+        return total / count.clamp(min=1)[:, None]
 
     def _train_logs_written(self) -> bool:
         """Whether Lightning writes this training step's on_step values to the logger: every

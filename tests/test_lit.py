@@ -653,3 +653,24 @@ def test_a_rank_that_evaluates_no_batch_joins_the_epochs_reductions(tmp_path: Pa
         assert set(logged) == set(alone)
         for k, v in alone.items():
             assert logged[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), k
+
+
+def test_evaluation_views_average_into_their_clips_logits():
+    """Several evaluation views per clip (decode.py's clip_index, one row each): a clip's logits
+    are its views' mean, and a clip with no view (none decoded) stays at zero, not NaN. On CUDA
+    without a host sync (bincount read the index range back every evaluation step)."""
+    logits = torch.arange(12.0).view(6, 2)
+    batch = {"label": torch.zeros(4, dtype=torch.long),
+             "clip_index": torch.tensor([0, 0, 0, 1, 3, 3])}
+    expect = torch.stack([logits[:3].mean(0), logits[3], torch.zeros(2), logits[4:].mean(0)])
+    assert torch.equal(MoRModule._clip_logits(logits, batch), expect)
+    assert MoRModule._clip_logits(logits, {"label": batch["label"]}) is logits  # one view each
+    if torch.cuda.is_available():
+        on_gpu, gpu_logits = {k: v.cuda() for k, v in batch.items()}, logits.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            averaged = MoRModule._clip_logits(gpu_logits, on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(averaged.cpu(), expect)
