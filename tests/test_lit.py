@@ -657,8 +657,8 @@ def test_a_rank_that_evaluates_no_batch_joins_the_epochs_reductions(tmp_path: Pa
 
 def test_evaluation_views_average_into_their_clips_logits():
     """Several evaluation views per clip (decode.py's clip_index, one row each): a clip's logits
-    are its views' mean, and a clip with no view (none decoded) stays at zero, not NaN. On CUDA
-    without a host sync (bincount read the index range back every evaluation step)."""
+    are its views' mean, and a clip index without views gives zeros, not NaN. On CUDA without a
+    host sync (bincount read the index range back every evaluation step)."""
     logits = torch.arange(12.0).view(6, 2)
     batch = {"label": torch.zeros(4, dtype=torch.long),
              "clip_index": torch.tensor([0, 0, 0, 1, 3, 3])}
