@@ -1,4 +1,4 @@
-"""Small builders shared by the backbone tests."""
+"""Small builders and checks shared by the tests."""
 
 import torch
 
@@ -43,3 +43,18 @@ def on_device(tokens: Tokens, device) -> Tokens:
     """The same tokens with every tensor on `device`."""
     return tokens.replace(**{k: v.to(device) for k, v in vars(tokens).items()
                              if isinstance(v, torch.Tensor)})
+
+
+class NoHostSyncs:
+    """Raises at any host sync inside (when `check`; CUDA only): the GPU's queue stays full."""
+
+    def __init__(self, check: bool = True) -> None:
+        self.check = check
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        if self.check:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")

@@ -11,7 +11,7 @@ path at inference), in training and depth-wise, over unpadded and padded clips.
 import pytest
 import torch
 
-from helpers import on_device, random_tokens
+from helpers import NoHostSyncs, on_device, random_tokens
 from mormm.backbone import DepthwiseBatcher
 from mormm.bench.models import VARIANTS, build_model
 
@@ -30,21 +30,6 @@ def _tokens(padded: bool, B: int = 4, N: int = 48):
     return on_device(random_tokens(B, N, 64, lengths=lengths, segments=6), DEV)
 
 
-class _NoSyncs:
-    """Raises at any host sync inside (when `check`)."""
-
-    def __init__(self, check: bool = True) -> None:
-        self.check = check
-
-    def __enter__(self):
-        torch.cuda.synchronize()
-        if self.check:
-            torch.cuda.set_sync_debug_mode("error")
-
-    def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode("default")
-
-
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_inference_and_training_issue_without_waiting(name, padded):
@@ -52,12 +37,12 @@ def test_inference_and_training_issue_without_waiting(name, padded):
     tokens = _tokens(padded)
     backbone.eval()
     for check in (False, True):  # the first call compiles the Triton kernels (which may sync)
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16), _NoSyncs(check):
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16), NoHostSyncs(check):
             out = backbone(tokens)
     assert out.hidden.isfinite().all()
     backbone.train()
     for check in (False, True):
-        with _NoSyncs(check):
+        with NoHostSyncs(check):
             with torch.autocast("cuda", torch.bfloat16):
                 out = backbone(tokens)
                 loss = out.hidden.float().square().mean() + out.aux_loss
@@ -72,6 +57,6 @@ def test_depthwise_stream_issues_without_waiting(name):
     batches = [_tokens(False) for _ in range(6)]
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
         list(batcher.run(batches))  # compiles the kernels, caches the layouts in flight
-        with _NoSyncs():
+        with NoHostSyncs():
             outs = list(batcher.run(batches))
     assert len(outs) == len(batches)
